@@ -1,0 +1,48 @@
+"""The project's command line: ``python -m include.cli COMMAND ...`` (``./run cli COMMAND ...``).
+
+Each command lives in the module that owns its logic; this file only lists them. A module named
+here provides ``add_arguments(parser)`` and ``main(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from include.errors import TriggersError
+
+COMMANDS = {
+    # name: (module, one-line help)
+    "simulator": ("include.simulator", "run the local Adobe pipeline simulator (IMS + journal)"),
+    "keys": ("include.keys", "create an RSA key pair and a matching adobe_pipeline connection"),
+    "drain": ("include.drain", "authenticate and drain the pipeline journal into staging once"),
+    "demo": ("include.demo", "run the whole job once on embedded defaults and show what it did"),
+    "status": ("include.status", "print the pipeline status (what the Airflow status view shows) as JSON"),
+    "audience": ("include.audience", "load the recipients table from CSV"),
+    "purge": ("include.purge", "delete staged events and deliveries older than their retention"),
+    "smtp": ("include.smtp_server", "run a local SMTP server that keeps what it receives (demo, tests)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m include.cli", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(module=module_name)
+        importlib.import_module(module_name).add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return importlib.import_module(args.module).main(args)
+    except TriggersError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""The YAML configuration (SPEC section 4) and the environment settings, validated at load.
+
+Errors name the key path and its line, e.g.
+``triggers.yaml line 14, campaigns[0].where[0].op: 'like' is not one of eq, ne, ...``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from include.errors import ConfigError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = PACKAGE_DIR.parent
+DEFAULT_CONFIG_PATH = PACKAGE_DIR / "triggers.yaml"
+DEFAULT_TEMPLATES_DIR = PACKAGE_DIR / "templates"
+DEFAULT_DB_URL = f"sqlite:///{PROJECT_DIR / 'var' / 'triggers.db'}"
+
+OPS = ("eq", "ne", "in", "gt", "ge", "lt", "le", "startswith", "contains", "exists")
+WILDCARD = "*"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: Any) -> float:
+    """``"30m"`` -> 1800.0 seconds. Durations are ``<n>s|m|h|d``."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    raise ValueError(f"{value!r} is not a duration; write <n>s, <n>m, <n>h or <n>d, e.g. 30m")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def dimension_column(dimension: str) -> str:
+    """The staging column that holds a dimension: ``" eVar01"`` -> ``dim_evar01``."""
+    return "dim_" + re.sub(r"[^a-z0-9]+", "_", dimension.strip().lower()).strip("_")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TriggerDefinition(_Strict):
+    name: str = Field(min_length=1, description="Analytics triggerId, or '*' for all")
+    label: str | None = None
+
+
+class Topic(_Strict):
+    name: str = Field(min_length=1)
+    triggers: list[TriggerDefinition] = Field(min_length=1)
+
+
+class PipelineSettings(_Strict):
+    consumer: str = Field(min_length=1)
+    topics: list[Topic] = Field(min_length=1)
+    fetch_size: int = Field(1000, ge=1, le=100_000)
+    max_msg_size: int = Field(20_000, ge=1)
+    retry_validity: Duration = 300.0
+    on_gone: Literal["fail", "restart_from_oldest"] = "fail"
+    start_from: Literal["oldest", "latest"] = "oldest"  # where a consumer with no position starts
+    max_events_per_run: int | None = Field(None, ge=1, description="cap of one drain; none: until 204")
+    retention: Duration = 3 * 86400.0
+    delivery_retention: Duration = Field(90 * 86400.0, description="deliveries are the dedupe and cap memory")
+
+
+class Identity(_Strict):
+    dimension: str | None = None
+    field: Literal["mcId"] | None = None
+    column: Literal["shopper_id", "mc_id", "recipient_id", "email"]
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Identity:
+        if (self.dimension is None) == (self.field is None):
+            raise ValueError("give exactly one of 'dimension' (e.g. eVar01) or 'field' (mcId)")
+        return self
+
+
+class Condition(_Strict):
+    dimension: str = Field(min_length=1)
+    op: Literal[OPS]  # type: ignore[valid-type]
+    value: Any = None
+
+    @model_validator(mode="after")
+    def _value_fits_op(self) -> Condition:
+        if self.op == "in" and not isinstance(self.value, list):
+            raise ValueError("op 'in' needs a list value, e.g. value: [a, b]")
+        if self.op != "exists" and self.value is None:
+            raise ValueError(f"op {self.op!r} needs a value")
+        return self
+
+
+class Unless(_Strict):
+    trigger: str = Field(min_length=1)
+    within: Duration
+    match_on: str | None = None
+
+
+class Campaign(_Strict):
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    trigger: str = Field(min_length=1)
+    identity: Identity
+    where: list[Condition] = []
+    unless: Unless | None = None
+    dedupe: Duration | None = None
+    template: str = Field(min_length=1)
+    sender: str = Field(min_length=3)
+
+
+class FrequencyCap(_Strict):
+    max: int = Field(ge=1)
+    per: Duration
+
+
+class RateLimits(_Strict):
+    per_second: float | None = Field(None, gt=0)
+    per_domain_per_second: float | None = Field(None, gt=0)
+
+
+class Limits(_Strict):
+    per_recipient: FrequencyCap | None = None
+    rate: RateLimits | None = None
+
+
+class TriggersConfig(_Strict):
+    pipeline: PipelineSettings
+    campaigns: list[Campaign] = []
+    limits: Limits = Limits()
+
+    @cached_property
+    def trigger_labels(self) -> dict[str, str]:
+        """triggerId -> label (the id itself when no label is given); may hold '*'."""
+        return {
+            t.name: t.label or t.name for topic in self.pipeline.topics for t in topic.triggers
+        }
+
+    @property
+    def accepts_all_triggers(self) -> bool:
+        return WILDCARD in self.trigger_labels
+
+    def trigger_ids_for(self, reference: str) -> list[str]:
+        """The triggerIds a campaign's ``trigger`` (a label or a triggerId) stands for."""
+        return [tid for tid, label in self.trigger_labels.items() if reference in (tid, label)]
+
+    @cached_property
+    def dimensions(self) -> tuple[str, ...]:
+        """Every dimension a rule reads, trimmed: these are extracted into columns at staging."""
+        names = set()
+        for campaign in self.campaigns:
+            if campaign.identity.dimension:
+                names.add(campaign.identity.dimension.strip())
+            names.update(condition.dimension.strip() for condition in campaign.where)
+            if campaign.unless and campaign.unless.match_on:
+                names.add(campaign.unless.match_on.strip())
+        return tuple(sorted(names))
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> TriggersConfig:
+        known = set(self.trigger_labels) | set(self.trigger_labels.values())
+        for campaign in self.campaigns:
+            for reference in (campaign.trigger, campaign.unless.trigger if campaign.unless else None):
+                if reference and reference not in known:
+                    raise ValueError(
+                        f"campaign {campaign.id!r}: trigger {reference!r} is neither a label nor a "
+                        f"triggerId under pipeline.topics (known: {', '.join(sorted(known))})"
+                    )
+        ids = [c.id for c in self.campaigns]
+        if len(ids) != len(set(ids)):
+            raise ValueError(f"campaign ids must be unique: {ids}")
+        columns: dict[str, str] = {}
+        for name in self.dimensions:
+            other = columns.setdefault(dimension_column(name), name)
+            if other != name:
+                raise ValueError(f"dimensions {other!r} and {name!r} would share one column")
+        return self
+
+
+def _line_of(document: yaml.Node | None, location: tuple[Any, ...]) -> int | None:
+    """The 1-based line of the YAML node at a pydantic error location."""
+    node, line = document, None
+    for key in location:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == key), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            break
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+    return line
+
+
+def _format_location(location: tuple[Any, ...]) -> str:
+    text = ""
+    for key in location:
+        text += f"[{key}]" if isinstance(key, int) else (f".{key}" if text else str(key))
+    return text or "(top level)"
+
+
+def parse_config(text: str, source: str = "<config>") -> TriggersConfig:
+    try:
+        data = yaml.safe_load(text)
+        document = yaml.compose(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the configuration must be a mapping with a 'pipeline' key")
+    try:
+        return TriggersConfig.model_validate(data)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            location = tuple(k for k in item["loc"] if not str(k).startswith(("function-", "literal")))
+            line = _line_of(document, location)
+            where = f"line {line}, " if line else ""
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"{source} {where}{_format_location(location)}: {message}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None, templates_dir: Path | None = None) -> TriggersConfig:
+    """Load and validate the configuration; check that each campaign's template set exists."""
+    path = Path(path or os.environ.get("TRIGGERS_CONFIG") or DEFAULT_CONFIG_PATH)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read the configuration {path}: {error.strerror}; set TRIGGERS_CONFIG") from None
+    config = parse_config(text, source=path.name)
+    templates_dir = templates_dir or Settings.from_env().templates_dir
+    for index, campaign in enumerate(config.campaigns):
+        missing = [
+            f"{campaign.template}.{part}.j2"
+            for part in ("subject", "txt", "html")
+            if not (templates_dir / f"{campaign.template}.{part}.j2").is_file()
+        ]
+        if missing:
+            raise ConfigError(
+                f"{path.name}, campaigns[{index}].template: template set {campaign.template!r} is "
+                f"missing {', '.join(missing)} in {templates_dir} (set TRIGGERS_TEMPLATES)"
+            )
+    return config
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where things are: the environment with working defaults."""
+
+    db_url: str
+    config_path: Path
+    templates_dir: Path
+    pipeline_conn_id: str = "adobe_pipeline"
+    smtp_conn_id: str = "smtp_default"
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            db_url=os.environ.get("TRIGGERS_DB_URL") or DEFAULT_DB_URL,
+            config_path=Path(os.environ.get("TRIGGERS_CONFIG") or DEFAULT_CONFIG_PATH),
+            templates_dir=Path(os.environ.get("TRIGGERS_TEMPLATES") or DEFAULT_TEMPLATES_DIR),
+        )

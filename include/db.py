@@ -1,0 +1,249 @@
+"""The staging database: the tables (SPEC section 5) and batched writes, on SQLite and PostgreSQL.
+
+Times are unix seconds as double precision (``time_gmt``, ``received_at``, ``sent_at``...):
+one representation on both databases and in pandas. The dimensions the configuration reads are
+extracted at staging into ``dim_<name>`` columns of ``pipeline_events``, a dimension's values
+joined by ``VALUE_SEPARATOR`` in hit order.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    bindparam,
+    create_engine,
+    event,
+    inspect,
+    select,
+    text,
+    update,
+)
+
+from include.config import dimension_column
+
+VALUE_SEPARATOR = "\x1f"  # ASCII unit separator: never in Analytics values; stripped if it were
+
+metadata = MetaData()
+
+pipeline_state = Table(
+    "pipeline_state",
+    metadata,
+    Column("consumer", Text, primary_key=True),
+    Column("position", Text, comment="opaque journal position of the last staged event"),
+    Column("pipeline_host", Text),
+    Column("last_fetch_at", Float, comment="last successful journal request"),
+    Column("events_received", BigInteger, nullable=False, default=0),
+    Column("events_quarantined", BigInteger, nullable=False, default=0),
+    Column("events_ignored", BigInteger, nullable=False, default=0),
+    Column("events_duplicate", BigInteger, nullable=False, default=0),
+    Column("requests_retried", BigInteger, nullable=False, default=0),
+)
+
+recipients = Table(
+    "recipients",
+    metadata,
+    Column("recipient_id", Text, primary_key=True),
+    Column("email", Text),
+    Column("first_name", Text),
+    Column("last_name", Text),
+    Column("locale", Text),
+    Column("shopper_id", Text, unique=True),
+    Column("mc_id", Text, unique=True),
+    Column("opted_out", Boolean, nullable=False, default=False),
+    Column("updated_at", Float),
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("delivery_id", Text, primary_key=True),
+    Column("campaign_id", Text, nullable=False),
+    Column("recipient_id", Text),
+    Column("email", Text),
+    Column("event_id", Text, nullable=False),
+    Column("event_time", Float, nullable=False, comment="time_gmt of the triggering event"),
+    Column("decided_at", Float, nullable=False),
+    Column("status", Text, nullable=False, comment="pending, sending, sent, failed, suppressed"),
+    Column("reason", Text),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("claimed_at", Float),
+    Column("claimed_by", Text),
+    Column("sent_at", Float),
+    Column("smtp_reply", Text),
+    Index("ix_deliveries_status", "status"),
+    Index("ix_deliveries_recipient_time", "recipient_id", "event_time"),
+    Index("ix_deliveries_campaign_recipient_time", "campaign_id", "recipient_id", "event_time"),
+)
+
+pipeline_runs = Table(
+    "pipeline_runs",
+    metadata,
+    Column("run_id", Text, primary_key=True),
+    Column("started_at", Float, nullable=False),
+    Column("finished_at", Float),
+    Column("counts", Text, comment="JSON object: drained, quarantined, ignored, matched, ..."),
+    Column("lag_seconds", Float),
+)
+
+EVENT_COLUMNS: tuple[Column[Any], ...] = (
+    Column("event_id", Text, primary_key=True),
+    Column("position", Text, nullable=False),
+    Column("consumer", Text, nullable=False),
+    Column("trigger_id", Text),
+    Column("time_gmt", Float, comment="trigger time, unix seconds"),
+    Column("received_at", Float, nullable=False),
+    Column("status", Text, nullable=False, comment="new, ignored, quarantined, matched, unmatched"),
+    Column("reason", Text),
+    Column("mc_id", Text),
+    Column("processed_at", Float),
+    Column("payload", Text, nullable=False, comment="the raw event JSON"),
+)
+EVENT_INDEXES = (("ix_pipeline_events_status_time", ("status", "time_gmt")), ("ix_pipeline_events_received", ("received_at",)))
+
+
+@lru_cache(maxsize=16)
+def events_table(dimensions: tuple[str, ...] = ()) -> Table:
+    """``pipeline_events`` with one ``dim_*`` column per configured dimension."""
+    table = Table(
+        "pipeline_events",
+        MetaData(),
+        *(column._copy() for column in EVENT_COLUMNS),
+        *(Column(dimension_column(name), Text) for name in dimensions),
+    )
+    for name, columns in EVENT_INDEXES:
+        Index(name, *(table.c[c] for c in columns))
+    return table
+
+
+def make_engine(url: str) -> Engine:
+    """An engine tuned for batched writes: WAL and a busy timeout on SQLite."""
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")  # durable at each commit in WAL mode
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+    return engine
+
+
+def ensure_schema(engine: Engine, dimensions: Sequence[str] = ()) -> Table:
+    """Create missing tables and ``dim_*`` columns; return the events table to write to.
+
+    A dimension added to the configuration later gets its column here, filled from the stored
+    payloads of the events still staged, in the same transaction.
+    """
+    table = events_table(tuple(dimensions))
+    with engine.begin() as conn:
+        metadata.create_all(conn)
+        table.create(conn, checkfirst=True)
+        existing = {c["name"] for c in inspect(conn).get_columns("pipeline_events")}
+        added = [name for name in dimensions if dimension_column(name) not in existing]
+        for name in added:
+            conn.execute(text(f'ALTER TABLE pipeline_events ADD COLUMN "{dimension_column(name)}" TEXT'))
+        if added:
+            _fill_dimension_columns(conn, table, added)
+    return table
+
+
+def _fill_dimension_columns(conn: Connection, table: Table, names: Sequence[str]) -> None:
+    from include.events import dimension_columns_of  # events imports this module
+
+    statement = (
+        update(table)
+        .where(table.c.event_id == bindparam("_event_id"))
+        .values({dimension_column(name): bindparam(f"_{dimension_column(name)}") for name in names})
+    )
+    rows = conn.execute(select(table.c.event_id, table.c.payload).where(table.c.status != "quarantined"))
+    while batch := rows.fetchmany(10_000):
+        updates = []
+        for event_id, payload in batch:
+            values = dimension_columns_of(payload, names)
+            if any(v is not None for v in values):
+                updates.append({"_event_id": event_id, **{f"_{dimension_column(n)}": v for n, v in zip(names, values, strict=True)}})
+        if updates:
+            conn.execute(statement, updates)
+
+
+def _copy_text(rows: Iterable[Sequence[Any]]) -> io.StringIO:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    null = r"\N"
+    writer.writerows([null if v is None else v for v in row] for row in rows)
+    buffer.seek(0)
+    return buffer
+
+
+def bulk_write(
+    conn: Connection,
+    table: Table,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    conflict: str = "nothing",
+    key: Sequence[str] | None = None,
+) -> int:
+    """Insert many rows in the caller's transaction; return how many rows were written.
+
+    ``conflict="nothing"`` skips rows whose key exists (idempotent staging), ``"update"``
+    overwrites the non-key columns (upsert). PostgreSQL gets COPY into a temporary table and
+    one ``INSERT ... SELECT``; SQLite one prepared ``executemany``.
+    """
+    if not rows:
+        return 0
+    key = list(key or [c.name for c in table.primary_key.columns])
+    names = ", ".join(f'"{c}"' for c in columns)
+    if conflict == "nothing":
+        on_conflict = f"ON CONFLICT ({', '.join(key)}) DO NOTHING"
+    else:
+        updates = ", ".join(f'"{c}" = excluded."{c}"' for c in columns if c not in key)
+        on_conflict = f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}"
+    dbapi = conn.connection.dbapi_connection
+    cursor = dbapi.cursor()
+    try:
+        if conn.dialect.name == "postgresql":
+            # named by its columns: a connection may outlive an ALTER TABLE that adds one
+            staging = f"_bulk_{table.name}_{len(table.c)}"
+            cursor.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            )
+            cursor.execute(f"TRUNCATE {staging}")
+            copy_sql = f"COPY {staging} ({names}) FROM STDIN WITH (FORMAT csv, NULL '\\N')"
+            if hasattr(cursor, "copy"):  # psycopg 3, SQLAlchemy 2.1's default driver
+                with cursor.copy(copy_sql) as copy:
+                    copy.write(_copy_text(rows).getvalue())
+            else:  # psycopg2 (postgresql+psycopg2:// URLs)
+                cursor.copy_expert(copy_sql, _copy_text(rows))
+            select = f"SELECT {names} FROM {staging}"
+            if conflict == "update":  # ON CONFLICT DO UPDATE refuses a key twice in one statement
+                select = f"SELECT DISTINCT ON ({', '.join(key)}) {names} FROM {staging}"
+            cursor.execute(f"INSERT INTO {table.name} ({names}) {select} {on_conflict}")
+        else:
+            marks = ", ".join("?" for _ in columns)
+            cursor.executemany(f"INSERT INTO {table.name} ({names}) VALUES ({marks}) {on_conflict}", rows)
+        return cursor.rowcount
+    finally:
+        cursor.close()

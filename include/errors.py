@@ -1,0 +1,51 @@
+"""The project's named errors. Each message says what is wrong and how to fix it, never a secret."""
+
+from __future__ import annotations
+
+
+class TriggersError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigError(TriggersError):
+    """The YAML configuration or an environment setting is invalid; raised at load time."""
+
+
+class CredentialsError(TriggersError):
+    """The `adobe_pipeline` connection is incomplete or its key cannot be read."""
+
+
+class AuthenticationError(TriggersError):
+    """IMS refused the credentials (bad signature, unknown client, wrong secret...)."""
+
+
+class PipelineRequestError(TriggersError):
+    """The pipeline answered 400: the request itself is wrong."""
+
+
+class NotEntitledError(TriggersError):
+    """The pipeline answered 403: valid credentials, but not for this consumer."""
+
+
+class JournalGoneError(TriggersError):
+    """The pipeline answered 410: the stored position is older than the journal retention."""
+
+
+class PipelineUnavailableError(TriggersError):
+    """Transient failures (429, 5xx, timeouts) lasted longer than `retry_validity`."""
+
+
+class InvalidEmailError(TriggersError, ValueError):
+    """A recipient (or sender) address is not one plain valid address; the delivery is not sent."""
+
+
+class TemplateRenderError(TriggersError):
+    """A campaign's template set is missing or failed to render; that delivery fails, not the batch."""
+
+
+class SmtpUnavailableError(TriggersError):
+    """The SMTP relay of `smtp_default` could not be reached or logged into after the retries."""
+
+
+class AudienceError(TriggersError):
+    """The audience CSV cannot be read or its header is wrong; nothing was loaded."""
