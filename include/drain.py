@@ -1,0 +1,131 @@
+"""Drain the journal into staging: fetch a page, stage it with its position, until 204 or the cap.
+
+The next page is fetched in a background thread while the current one is parsed and stored:
+the network wait overlaps the database write. The position only moves when a page is stored,
+so a prefetched page that is never stored is simply fetched again by the next drain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from urllib.parse import urlsplit
+
+from sqlalchemy import Engine
+
+from include.auth import ImsAuthenticator
+from include.config import Settings, TriggersConfig, load_config
+from include.db import make_engine
+from include.errors import JournalGoneError
+from include.journal import JournalClient, JournalDrained, JournalPage
+from include.staging import Stager
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DrainReport:
+    pages: int = 0
+    received: int = 0
+    staged: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    ignored: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+    drained: bool = False  # the journal answered 204
+    position: str | None = None
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def drain(
+    engine: Engine,
+    config: TriggersConfig,
+    authenticator: ImsAuthenticator,
+    *,
+    max_events: int | None = None,
+) -> DrainReport:
+    """Stage every event after the stored position, until the journal answers 204 or
+    ``max_events`` (default ``pipeline.max_events_per_run``) have been received."""
+    settings = config.pipeline
+    max_events = max_events or settings.max_events_per_run
+    stager = Stager(engine, config)
+    client = JournalClient(authenticator, settings.consumer, retry_validity=settings.retry_validity)
+    host = urlsplit(authenticator.credentials.pipeline_url).netloc
+    report = DrainReport()
+    started = time.monotonic()
+    position = stager.position()
+    latest = position is None and settings.start_from == "latest"
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-prefetch") as prefetcher:
+        pending: Future | None = None
+        while max_events is None or report.received < max_events:
+            limit = settings.fetch_size if max_events is None else min(settings.fetch_size, max_events - report.received)
+            answer = pending.result() if pending else _fetch(client, position, limit, latest, stager, settings.on_gone)
+            pending = None
+            if isinstance(answer, JournalDrained):
+                report.drained = True
+                break
+            page = stager.parser.parse_page(answer.body, received_at=time.time())
+            if page.count and page.last_position and (max_events is None or report.received + page.count < max_events):
+                pending = prefetcher.submit(client.fetch, page.last_position, limit)
+            retries_before = report.retries
+            report.retries = client.retries
+            result = stager.stage(page, pipeline_host=host, fetched_at=time.time(), retries=report.retries - retries_before)
+            report.pages += 1
+            report.received += result.received
+            report.staged += result.staged
+            report.duplicates += result.duplicates
+            report.quarantined += result.quarantined
+            report.ignored += result.ignored
+            for reason, count in page.reasons.items():
+                report.quarantine_reasons[reason] = report.quarantine_reasons.get(reason, 0) + count
+            position = page.last_position or position
+            latest = False
+            if not page.count:
+                break
+        if pending is not None:
+            pending.cancel()
+    report.position = position
+    report.seconds = round(time.monotonic() - started, 3)
+    log.info("drained %s", {k: v for k, v in report.as_dict().items() if k != "quarantine_reasons"})
+    return report
+
+
+def _fetch(client: JournalClient, position: str | None, limit: int, latest: bool, stager: Stager,
+           on_gone: str) -> JournalPage | JournalDrained:
+    try:
+        return client.fetch(position, limit, latest=latest)
+    except JournalGoneError as error:
+        if on_gone != "restart_from_oldest":
+            raise JournalGoneError(
+                f"{error}. Events after it have expired from the journal. To accept the loss and go on, set "
+                "pipeline.on_gone: restart_from_oldest"
+            ) from None
+        log.error("%s; restarting from the oldest retained event (pipeline.on_gone). Every event published "
+                  "between the stored position and the oldest retained one is lost", error)
+        stager.reset_position()
+        return client.fetch(None, limit)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-events", type=int, help="stop after this many events (default: until 204)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Drain once with the `adobe_pipeline` connection (AIRFLOW_CONN_ADOBE_PIPELINE)."""
+    from include.hooks import AdobePipelineHook
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    settings = Settings.from_env()
+    config = load_config(settings.config_path, settings.templates_dir)
+    authenticator = AdobePipelineHook().get_conn()
+    report = drain(make_engine(settings.db_url), config, authenticator, max_events=args.max_events)
+    print(report.as_dict())
+    return 0
+

@@ -1,0 +1,215 @@
+"""Parse journal pages (SPEC section 3) straight into flat staging columns.
+
+A page is parsed into one list per column and the nested dicts are dropped with the page:
+millions of live dicts would make the garbage collector, not the parser, the bottleneck.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from include.config import TriggersConfig, dimension_column
+from include.db import VALUE_SEPARATOR
+from include.errors import PipelineRequestError
+
+PIPELINE_MESSAGE = "com.adobe.mcloud.pipeline.pipelineMessage"
+TRIGGER = "com.adobe.mcloud.protocol.trigger"
+
+# The columns parse_events fills, in pipeline_events order; dim_* columns follow.
+BASE_COLUMNS = ("event_id", "position", "consumer", "trigger_id", "time_gmt", "received_at",
+                "status", "reason", "mc_id", "payload")
+
+
+@dataclass
+class ParsedPage:
+    """One page as columns (``rows()`` yields insertable tuples) plus its paging facts."""
+
+    columns: tuple[str, ...]
+    values: list[list[Any]]
+    last_position: str | None
+    count: int = 0
+    quarantined: int = 0
+    ignored: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        return list(zip(*self.values, strict=True))
+
+
+class EventParser:
+    """Turns journal items into staging rows for one configuration."""
+
+    def __init__(self, config: TriggersConfig) -> None:
+        self.consumer = config.pipeline.consumer
+        self.max_msg_size = config.pipeline.max_msg_size
+        self.known_triggers = frozenset(config.trigger_labels)
+        self.accepts_all = config.accepts_all_triggers
+        self.dimensions = config.dimensions
+        self.columns = BASE_COLUMNS + tuple(dimension_column(d) for d in self.dimensions)
+
+    def parse_page(self, body: bytes, received_at: float) -> ParsedPage:
+        """A 200 body of the journal: ``{"events": [...], "_page": {"last": ...}}``."""
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # a page allocates thousands of containers that all die together
+        try:
+            try:
+                document = json.loads(body)
+                items = document["events"]
+                last = document.get("_page", {}).get("last")
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise PipelineRequestError(
+                    f"the journal answered 200 with a body that is not a page of events: {body[:200]!r}"
+                ) from None
+            if not isinstance(items, list):
+                raise PipelineRequestError("the journal page's 'events' is not a list")
+            page = self.parse_items(items, received_at)
+            if last is not None:
+                page.last_position = str(last)
+            return page
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def parse_items(self, items: Sequence[Any], received_at: float) -> ParsedPage:
+        """Journal items ``{"position", "event"}`` (or, for imports, bare events) to columns."""
+        values: list[list[Any]] = [[] for _ in self.columns]
+        (event_ids, positions, consumers, trigger_ids, times, received, statuses, reasons,
+         mc_ids, payloads) = values[:10]
+        dimension_lists = values[10:]
+        page = ParsedPage(self.columns, values, None, len(items))
+        position = None
+        for item in items:
+            if isinstance(item, dict) and "position" in item:
+                position, event = str(item["position"]), item.get("event")
+            else:
+                event = item
+            payload = json.dumps(event, separators=(",", ":"))
+            fields = self._read(event, payload)
+            status, reason = "new", fields[4]
+            if reason:
+                status = "quarantined"
+                page.quarantined += 1
+                page.reasons[reason] = page.reasons.get(reason, 0) + 1
+            elif not self.accepts_all and fields[1] not in self.known_triggers:
+                status = "ignored"
+                page.ignored += 1
+            event_ids.append(fields[0])
+            positions.append(position or "")
+            consumers.append(self.consumer)
+            trigger_ids.append(fields[1])
+            times.append(fields[2] if fields[2] is not None else received_at)
+            received.append(received_at)
+            statuses.append(status)
+            reasons.append(reason)
+            mc_ids.append(fields[3])
+            payloads.append(payload)
+            dimension_values = fields[5]
+            for column, values_of_dimension in zip(dimension_lists, dimension_values, strict=True):
+                column.append(values_of_dimension)
+        page.last_position = position
+        return page
+
+    def _read(self, event: Any, payload: str) -> tuple[str, str | None, float | None, str | None, str | None, list[str | None]]:
+        """(event_id, trigger_id, time_gmt, mc_id, quarantine reason or None, dimension values)."""
+        no_dimensions: list[str | None] = [None] * len(self.dimensions)
+        if not isinstance(event, dict):
+            return _digest(payload), None, None, None, "not a JSON object", no_dimensions
+        inner = event.get("event")
+        message = inner.get(PIPELINE_MESSAGE) if isinstance(inner, dict) else event.get(PIPELINE_MESSAGE)
+        if isinstance(message, dict):
+            header = message.get("header") if isinstance(message.get("header"), dict) else {}
+            trigger = message.get(TRIGGER)
+            event_id = header.get("messageId") or event.get("event_id")
+            envelope = inner if isinstance(inner, dict) else event
+        else:  # the bare trigger object
+            header, trigger, event_id, envelope = {}, event, event.get("event_id"), {}
+        event_id = str(event_id) if event_id else _digest(_canonical(event))
+        if len(payload) > self.max_msg_size:  # ensure_ascii JSON: characters are bytes
+            return event_id, None, None, None, f"larger than max_msg_size ({len(payload)} > {self.max_msg_size} bytes)", no_dimensions
+        if not isinstance(trigger, dict) or not isinstance(trigger.get("triggerId"), str) or not trigger["triggerId"].strip():
+            return event_id, None, None, None, "no triggerId", no_dimensions
+        trigger_id = trigger["triggerId"].strip()
+        time_gmt, bad_time = _event_time(trigger, header, envelope)
+        if bad_time:
+            return event_id, trigger_id, None, None, f"{bad_time} is not a number", no_dimensions
+        mc_id = trigger.get("mcId")
+        dimensions = _dimensions(trigger)
+        return (event_id, trigger_id, time_gmt, str(mc_id) if mc_id else None, None,
+                [_joined(dimensions.get(name)) for name in self.dimensions])
+
+
+def _event_time(trigger: dict[str, Any], header: dict[str, Any], envelope: dict[str, Any]) -> tuple[float | None, str | None]:
+    """Unix seconds of the trigger, or the name of the timestamp that is not a number."""
+    for source, key, scale in ((trigger, "triggerTimestamp", 1000.0), (trigger, "timeGMT", 1.0),
+                               (header, "sentTime", 1000.0), (envelope, "createTime", 1000.0)):
+        value = source.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None, key
+        return value / scale, None
+    return None, None
+
+
+def _dimensions(trigger: dict[str, Any]) -> dict[str, Any]:
+    """``enrichments.analyticsHitSummary.dimensions`` with keys trimmed (Adobe's " eVar01")."""
+    try:
+        dimensions = trigger["enrichments"]["analyticsHitSummary"]["dimensions"]
+    except (KeyError, TypeError):
+        return {}
+    if not isinstance(dimensions, dict):
+        return {}
+    return {str(key).strip(): value for key, value in dimensions.items()}
+
+
+def _joined(dimension: Any) -> str | None:
+    data = dimension.get("data") if isinstance(dimension, dict) else None
+    if not isinstance(data, list):
+        return None
+    values = [str(v).replace(VALUE_SEPARATOR, " ") for v in data if v is not None and v != ""]
+    return VALUE_SEPARATOR.join(values) if values else None
+
+
+def trigger_of(event: Any) -> dict[str, Any]:
+    """The trigger object of an event in either form of SPEC section 3 ({} if none)."""
+    if not isinstance(event, dict):
+        return {}
+    inner = event.get("event")
+    message = inner.get(PIPELINE_MESSAGE) if isinstance(inner, dict) else event.get(PIPELINE_MESSAGE)
+    trigger = message.get(TRIGGER) if isinstance(message, dict) else event
+    return trigger if isinstance(trigger, dict) else {}
+
+
+def dimension_values(payload: str) -> dict[str, list[Any]]:
+    """Every dimension of a stored event as name -> values (what templates see)."""
+    dimensions = _dimensions(trigger_of(json.loads(payload)))
+    return {name: list(d.get("data") or []) for name, d in dimensions.items() if isinstance(d, dict)}
+
+
+def dimension_columns_of(payload: str, names: Sequence[str]) -> list[str | None]:
+    """The ``dim_*`` column values of a stored event for the dimensions ``names``."""
+    dimensions = _dimensions(trigger_of(json.loads(payload)))
+    return [_joined(dimensions.get(name)) for name in names]
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _digest(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_export(lines: Iterable[str]) -> Iterable[Any]:
+    """Events of a JSON-lines export; a line that is not JSON is kept as a string to quarantine."""
+    for line in lines:
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except ValueError:
+                yield line.rstrip("\n")

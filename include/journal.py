@@ -1,0 +1,139 @@
+"""The pipeline journal client (SPEC section 2): one request, every status of the table handled."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import requests
+
+from include.auth import ImsAuthenticator
+from include.errors import (
+    AuthenticationError,
+    JournalGoneError,
+    NotEntitledError,
+    PipelineRequestError,
+    PipelineUnavailableError,
+)
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_STATUSES = {429, 500, 502, 503, 504}
+BACKOFF_BASE = 0.5  # seconds; doubles per attempt, full jitter
+BACKOFF_CAP = 30.0
+
+
+@dataclass(frozen=True)
+class JournalPage:
+    """A 200 answer, body kept as bytes: staging parses it straight into columns."""
+
+    body: bytes
+
+
+@dataclass(frozen=True)
+class JournalDrained:
+    """A 204 answer: nothing after the position for now."""
+
+    retry_after: float
+
+
+class JournalClient:
+    """``GET {pipeline}/journal/{consumer}`` with authentication, retries and backoff."""
+
+    def __init__(
+        self,
+        authenticator: ImsAuthenticator,
+        consumer: str,
+        *,
+        retry_validity: float = 300.0,
+        session: requests.Session | None = None,
+        timeout: tuple[float, float] = (10.0, 120.0),
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.authenticator = authenticator
+        self.credentials = authenticator.credentials
+        self.consumer = consumer
+        self.url = f"{self.credentials.pipeline_url}/journal/{consumer}"
+        self.retry_validity = retry_validity
+        self.session = session or authenticator.session
+        self.timeout = timeout
+        self.sleep = sleep
+        self.retries = 0  # transient failures retried, over this client's life
+
+    def fetch(self, since: str | None, limit: int, *, latest: bool = False) -> JournalPage | JournalDrained:
+        """One page after ``since`` (None: the oldest retained event; ``latest``: the end)."""
+        params: dict[str, str | int] = {"limit": limit}
+        if since is not None:
+            params["since"] = since
+        elif latest:
+            params["latest"] = "true"
+        deadline = time.monotonic() + self.retry_validity
+        attempt = 0
+        reauthenticated = False
+        while True:
+            problem, retry_after = self._request(params)
+            if isinstance(problem, (JournalPage, JournalDrained)):
+                return problem
+            if problem == 401:
+                if reauthenticated:
+                    raise AuthenticationError(
+                        f"the pipeline at {self.url} refused a freshly issued token (401): the "
+                        "integration may lack the pipeline product profile"
+                    )
+                log.info("pipeline answered 401: re-authenticating once")
+                self.authenticator.invalidate()
+                reauthenticated = True
+                continue
+            delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
+            delay = max(delay, retry_after or 0.0)
+            if time.monotonic() + delay > deadline:
+                raise PipelineUnavailableError(
+                    f"the pipeline at {self.url} kept failing ({problem}) for {self.retry_validity:.0f} s "
+                    "(pipeline.retry_validity); the task will be retried"
+                )
+            attempt += 1
+            self.retries += 1
+            log.warning("pipeline %s; retry %d in %.2f s", problem, attempt, delay)
+            self.sleep(delay)
+
+    def _request(self, params: dict[str, str | int]) -> tuple[JournalPage | JournalDrained | int | str, float | None]:
+        """The answer, or what went wrong (a status or an error name) and any Retry-After."""
+        headers = {
+            "Authorization": f"Bearer {self.authenticator.token()}",
+            "x-api-key": self.credentials.client_id,
+            "x-ims-org-id": self.credentials.org_id,
+        }
+        try:
+            response = self.session.get(self.url, params=params, headers=headers, timeout=self.timeout)
+        except (requests.ConnectionError, requests.Timeout) as error:
+            return type(error).__name__, None
+        status = response.status_code
+        retry_after = _retry_after(response)
+        if status == 200:
+            return JournalPage(response.content), None
+        if status == 204:
+            return JournalDrained(retry_after or 0.0), None
+        if status == 401 or status in TRANSIENT_STATUSES:
+            return status, retry_after
+        detail = response.text[:300].strip()
+        if status == 403:
+            raise NotEntitledError(
+                f"the pipeline refused consumer {self.consumer!r} for client {self.credentials.client_id} "
+                f"(403 {detail}): check pipeline.consumer, or ask Adobe to entitle this integration"
+            )
+        if status == 410:
+            raise JournalGoneError(
+                f"position {params.get('since')!r} is older than the journal's retention (410)"
+            )
+        raise PipelineRequestError(f"the pipeline rejected GET {self.url} {params} ({status} {detail})")
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: rare from this API, fall back to our own backoff

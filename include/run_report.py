@@ -1,0 +1,53 @@
+"""A run's counts and lag (SPEC section 8), stored in ``pipeline_runs`` for the status view."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from include.db import events_table, pipeline_runs
+
+
+def run_counts(drained: dict[str, Any], matched: dict[str, Any], delivered: dict[str, Any]) -> dict[str, Any]:
+    """One flat dict: drained, quarantined, ignored, matched, suppressed by reason, sent, failed."""
+    counts: dict[str, Any] = {
+        "drained": drained.get("received", 0),
+        "staged": drained.get("staged", 0),
+        "duplicates": drained.get("duplicates", 0),
+        "quarantined": drained.get("quarantined", 0),
+        "ignored": drained.get("ignored", 0),
+        "retried_requests": drained.get("retries", 0),
+    }
+    for source in (matched, delivered):
+        for key, value in source.items():
+            if isinstance(value, (int, float)):
+                counts[key] = counts.get(key, 0) + value
+    return counts
+
+
+def oldest_unprocessed_age(engine: Engine, now: float) -> float:
+    """Seconds since the oldest staged event still waiting for matching (0 when none)."""
+    table = events_table()
+    with engine.connect() as conn:
+        oldest = conn.execute(select(func.min(table.c.received_at)).where(table.c.status == "new")).scalar()
+    return round(max(0.0, now - oldest), 3) if oldest is not None else 0.0
+
+
+def record_run(engine: Engine, run_id: str, drained: dict[str, Any], matched: dict[str, Any],
+               delivered: dict[str, Any], *, started_at: float | None = None) -> dict[str, Any]:
+    """Store the run's counts and lag (rerunning the run replaces its row); return them."""
+    now = time.time()
+    counts = run_counts(drained, matched, delivered)
+    counts["lag_seconds"] = oldest_unprocessed_age(engine, now)
+    insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+    values = {"run_id": run_id, "started_at": started_at or now, "finished_at": now,
+              "counts": json.dumps(counts, sort_keys=True), "lag_seconds": counts["lag_seconds"]}
+    statement = insert(pipeline_runs).values(**values)
+    with engine.begin() as conn:
+        conn.execute(statement.on_conflict_do_update(
+            index_elements=["run_id"], set_={k: statement.excluded[k] for k in values if k != "run_id"}))
+    return counts
