@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,22 +52,24 @@ class EventParser:
         self.accepts_all = config.accepts_all_triggers
         self.dimensions = config.dimensions
         self.columns = BASE_COLUMNS + tuple(dimension_column(d) for d in self.dimensions)
+        self._no_dimensions: tuple[None, ...] = (None,) * len(self.dimensions)
 
     def parse_page(self, body: bytes, received_at: float) -> ParsedPage:
-        """A 200 body of the journal: ``{"events": [...], "_page": {"last": ...}}``."""
+        """A 200 body of the journal: ``{"events": [...], "_page": {"last": ...}}``.
+
+        Each event's payload is sliced from the body as sent, not re-serialised: that is both
+        the raw message and its exact size, at no cost.
+        """
         gc_was_enabled = gc.isenabled()
         gc.disable()  # a page allocates thousands of containers that all die together
         try:
             try:
-                document = json.loads(body)
-                items = document["events"]
-                last = document.get("_page", {}).get("last")
-            except (ValueError, KeyError, TypeError, AttributeError):
+                text = body.decode("utf-8")
+                items, last = _split_page(text)
+            except (ValueError, IndexError, UnicodeDecodeError) as error:
                 raise PipelineRequestError(
-                    f"the journal answered 200 with a body that is not a page of events: {body[:200]!r}"
+                    f"the journal answered 200 with a body that is not a page of events ({error}): {body[:200]!r}"
                 ) from None
-            if not isinstance(items, list):
-                raise PipelineRequestError("the journal page's 'events' is not a list")
             page = self.parse_items(items, received_at)
             if last is not None:
                 page.last_position = str(last)
@@ -75,20 +78,18 @@ class EventParser:
             if gc_was_enabled:
                 gc.enable()
 
-    def parse_items(self, items: Sequence[Any], received_at: float) -> ParsedPage:
-        """Journal items ``{"position", "event"}`` (or, for imports, bare events) to columns."""
+    def parse_items(self, items: Sequence[tuple[str | None, Any, str | None]], received_at: float) -> ParsedPage:
+        """``(position, event, raw JSON text or None)`` triples to columns."""
         values: list[list[Any]] = [[] for _ in self.columns]
         (event_ids, positions, consumers, trigger_ids, times, received, statuses, reasons,
          mc_ids, payloads) = values[:10]
         dimension_lists = values[10:]
         page = ParsedPage(self.columns, values, None, len(items))
         position = None
-        for item in items:
-            if isinstance(item, dict) and "position" in item:
-                position, event = str(item["position"]), item.get("event")
-            else:
-                event = item
-            payload = json.dumps(event, separators=(",", ":"))
+        for item_position, event, payload in items:
+            position = item_position if item_position is not None else position
+            if payload is None:
+                payload = json.dumps(event, separators=(",", ":"))
             fields = self._read(event, payload)
             status, reason = "new", fields[4]
             if reason:
@@ -108,15 +109,14 @@ class EventParser:
             reasons.append(reason)
             mc_ids.append(fields[3])
             payloads.append(payload)
-            dimension_values = fields[5]
-            for column, values_of_dimension in zip(dimension_lists, dimension_values, strict=True):
+            for column, values_of_dimension in zip(dimension_lists, fields[5], strict=True):
                 column.append(values_of_dimension)
         page.last_position = position
         return page
 
-    def _read(self, event: Any, payload: str) -> tuple[str, str | None, float | None, str | None, str | None, list[str | None]]:
+    def _read(self, event: Any, payload: str) -> tuple[str, str | None, float | None, str | None, str | None, Sequence[str | None]]:
         """(event_id, trigger_id, time_gmt, mc_id, quarantine reason or None, dimension values)."""
-        no_dimensions: list[str | None] = [None] * len(self.dimensions)
+        no_dimensions = self._no_dimensions
         if not isinstance(event, dict):
             return _digest(payload), None, None, None, "not a JSON object", no_dimensions
         inner = event.get("event")
@@ -129,8 +129,9 @@ class EventParser:
         else:  # the bare trigger object
             header, trigger, event_id, envelope = {}, event, event.get("event_id"), {}
         event_id = str(event_id) if event_id else _digest(_canonical(event))
-        if len(payload) > self.max_msg_size:  # ensure_ascii JSON: characters are bytes
-            return event_id, None, None, None, f"larger than max_msg_size ({len(payload)} > {self.max_msg_size} bytes)", no_dimensions
+        size = len(payload) if payload.isascii() else len(payload.encode())
+        if size > self.max_msg_size:
+            return event_id, None, None, None, f"larger than max_msg_size ({size} > {self.max_msg_size} bytes)", no_dimensions
         if not isinstance(trigger, dict) or not isinstance(trigger.get("triggerId"), str) or not trigger["triggerId"].strip():
             return event_id, None, None, None, "no triggerId", no_dimensions
         trigger_id = trigger["triggerId"].strip()
@@ -141,6 +142,94 @@ class EventParser:
         dimensions = _dimensions(trigger)
         return (event_id, trigger_id, time_gmt, str(mc_id) if mc_id else None, None,
                 [_joined(dimensions.get(name)) for name in self.dimensions])
+
+
+_decoder = json.JSONDecoder()
+_scan = _decoder.scan_once
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _skip(text: str, index: int) -> int:
+    if text[index] not in " \t\n\r":  # compact JSON: the common case, without a regex
+        return index
+    return _WHITESPACE.match(text, index).end()  # type: ignore[union-attr]
+
+
+def _split_page(text: str) -> tuple[list[tuple[str | None, Any, str | None]], Any]:
+    """``(position, event, event's raw text)`` of each item, and ``_page.last``.
+
+    Walks the two outer levels by hand and lets the C scanner parse each value, so that the
+    span of every event is known.
+    """
+    items: list[tuple[str | None, Any, str | None]] | None = None
+    last = None
+    index = _expect(text, 0, "{")
+    while text[index] != "}":
+        key, index = _key(text, index)
+        if key == "events":
+            items, index = _split_items(text, index)
+        else:
+            value, index = _scan(text, index)
+            if key == "_page" and isinstance(value, dict):
+                last = value.get("last")
+        index = _after_member(text, index, "}")
+    if items is None:
+        raise ValueError("no 'events' list")
+    return items, last
+
+
+def _split_items(text: str, index: int) -> tuple[list[tuple[str | None, Any, str | None]], int]:
+    items: list[tuple[str | None, Any, str | None]] = []
+    index = _expect(text, index, "[")
+    while text[index] != "]":
+        position, event, raw = None, None, None
+        if text[index] == "{":
+            index = _skip(text, index + 1)
+            while text[index] != "}":
+                key, index = _key(text, index)
+                start = index
+                value, index = _scan(text, index)
+                if key == "position":
+                    position = str(value)
+                elif key == "event":
+                    event, raw = value, text[start:index]
+                index = _after_member(text, index, "}")
+            index += 1
+        else:  # not a journal item: keep it whole, staging quarantines it
+            start = index
+            event, index = _scan(text, index)
+            raw = text[start:index]
+        items.append((position, event, raw))
+        index = _after_member(text, index, "]")
+    return items, index + 1
+
+
+def _expect(text: str, index: int, opening: str) -> int:
+    index = _skip(text, index)
+    if text[index] != opening:
+        raise ValueError(f"expected {opening!r} at {index}")
+    return _skip(text, index + 1)
+
+
+def _key(text: str, index: int) -> tuple[str, int]:
+    """The key at index and the start of its value."""
+    if text[index] != '"':
+        raise ValueError(f"expected a key at {index}")
+    key, index = json.decoder.scanstring(text, index + 1)
+    index = _skip(text, index)
+    if text[index] != ":":
+        raise ValueError(f"expected ':' at {index}")
+    return key, _skip(text, index + 1)
+
+
+def _after_member(text: str, index: int, closing: str) -> int:
+    """Past the ',' after a member, or at the closing bracket."""
+    index = _skip(text, index)
+    if text[index] == ",":
+        return _skip(text, index + 1)
+    if text[index] != closing:
+        raise ValueError(f"expected ',' or {closing!r} at {index}")
+    return index
 
 
 def _event_time(trigger: dict[str, Any], header: dict[str, Any], envelope: dict[str, Any]) -> tuple[float | None, str | None]:
@@ -205,11 +294,13 @@ def _digest(text: str) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-def read_export(lines: Iterable[str]) -> Iterable[Any]:
-    """Events of a JSON-lines export; a line that is not JSON is kept as a string to quarantine."""
+def read_export(lines: Iterable[str]) -> Iterable[tuple[None, Any, str]]:
+    """``(None, event, raw text)`` per line of a JSON-lines export; a line that is not JSON is
+    kept as a string, which staging quarantines."""
     for line in lines:
-        if line.strip():
+        raw = line.strip()
+        if raw:
             try:
-                yield json.loads(line)
+                yield None, json.loads(raw), raw
             except ValueError:
-                yield line.rstrip("\n")
+                yield None, raw, json.dumps(raw)
