@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DrainReport:
+    """What one drain did. ``received``, ``quarantined`` and ``ignored`` count messages as the
+    journal sent them, repeats included; ``staged`` counts the new rows."""
+
     pages: int = 0
     received: int = 0
     staged: int = 0
