@@ -1,0 +1,63 @@
+"""
+# triggers_purge
+
+The daily purge of the staging database, as Campaign's purge of its pipeline events.
+
+* **Staged events** (`pipeline_events`) received more than `pipeline.retention` ago
+  (default **3 days**) are deleted — except events still `new`: those have not been processed
+  yet, so they are kept and counted in a warning rather than lost.
+* **Deliveries** are the dedupe and frequency-cap memory: finished ones (`sent`, `failed`,
+  `suppressed`) are kept for `pipeline.delivery_retention` (default **90 days**, and never less
+  than the longest `dedupe` or `limits.per_recipient.per`). `pending` ones are never purged.
+* **Run records** (`pipeline_runs`) are kept as long as deliveries.
+
+Deletes run in batches of `TRIGGERS_PURGE_BATCH` rows (default 10,000), one transaction each.
+The cut-off is the end of the run's data interval, so a rerun deletes what the original run
+would have. Settings: `TRIGGERS_DB_URL`, `TRIGGERS_CONFIG`.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import dag, get_current_context, task
+
+_BATCH_SIZE = int(os.environ.get("TRIGGERS_PURGE_BATCH", "10000"))
+
+
+@dag(
+    schedule="@daily",
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    tags=["triggers", "maintenance"],
+    default_args={"owner": "triggers", "retries": 2, "retry_delay": timedelta(minutes=5)},
+)
+def triggers_purge():
+    @task
+    def purge_expired_rows() -> dict:
+        """Delete staged events and deliveries older than their retention; return the counts."""
+        from include.config import Settings, load_config
+        from include.db import make_engine
+        from include.purge import purge
+
+        context = get_current_context()
+        interval_end = context.get("data_interval_end") or context.get("dag_run").run_after
+        settings = Settings.from_env()
+        engine = make_engine(settings.db_url)
+        try:
+            config = load_config(settings.config_path, settings.templates_dir)
+            return purge(engine, config, now=interval_end.timestamp(), batch_size=_BATCH_SIZE).as_dict()
+        finally:
+            engine.dispose()
+
+    purge_expired_rows()
+
+
+purge_dag = triggers_purge()
+
+if __name__ == "__main__":
+    purge_dag.test()
