@@ -20,10 +20,14 @@ from include.auth import ImsAuthenticator
 from include.config import Settings, TriggersConfig, load_config
 from include.db import make_engine
 from include.errors import JournalGoneError
+from include.events import ParsedPage
 from include.journal import JournalClient, JournalDrained, JournalPage
 from include.staging import Stager
 
 log = logging.getLogger(__name__)
+
+# pages are written in transactions of about this many events (with the last page's position)
+STAGE_BATCH_EVENTS = 5000
 
 
 @dataclass
@@ -65,35 +69,54 @@ def drain(
     started = time.monotonic()
     position = stager.position()
     latest = position is None and settings.start_from == "latest"
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-prefetch") as prefetcher:
-        pending: Future | None = None
+    batch: list[ParsedPage] = []
+    retries_staged = 0
+
+    def stage(pages: list[ParsedPage]) -> None:
+        nonlocal retries_staged
+        merged = ParsedPage.merge(pages)
+        result = stager.stage(merged, pipeline_host=host, fetched_at=time.time(),
+                              retries=client.retries - retries_staged)
+        retries_staged = client.retries
+        report.staged += result.staged
+        report.duplicates += result.duplicates
+
+    # three stages overlap: the next page downloads and the previous batch is written while
+    # this page is parsed (the HTTP read and the database calls release the GIL)
+    with ThreadPoolExecutor(1, "journal-prefetch") as prefetcher, ThreadPoolExecutor(1, "staging") as writer:
+        fetching: Future | None = None
+        writing: Future | None = None
         while max_events is None or report.received < max_events:
             limit = settings.fetch_size if max_events is None else min(settings.fetch_size, max_events - report.received)
-            answer = pending.result() if pending else _fetch(client, position, limit, latest, stager, settings.on_gone)
-            pending = None
+            answer = fetching.result() if fetching else _fetch(client, position, limit, latest, stager, settings.on_gone)
+            fetching = None
             if isinstance(answer, JournalDrained):
                 report.drained = True
                 break
             page = stager.parser.parse_page(answer.body, received_at=time.time())
-            if page.count and page.last_position and (max_events is None or report.received + page.count < max_events):
-                pending = prefetcher.submit(client.fetch, page.last_position, limit)
-            retries_before = report.retries
-            report.retries = client.retries
-            result = stager.stage(page, pipeline_host=host, fetched_at=time.time(), retries=report.retries - retries_before)
             report.pages += 1
-            report.received += result.received
-            report.staged += result.staged
-            report.duplicates += result.duplicates
-            report.quarantined += result.quarantined
-            report.ignored += result.ignored
+            report.received += page.count
+            report.quarantined += page.quarantined
+            report.ignored += page.ignored
             for reason, count in page.reasons.items():
                 report.quarantine_reasons[reason] = report.quarantine_reasons.get(reason, 0) + count
             position = page.last_position or position
             latest = False
+            if page.count and (max_events is None or report.received < max_events):
+                fetching = prefetcher.submit(client.fetch, position, limit)
+            batch.append(page)
+            if sum(p.count for p in batch) >= STAGE_BATCH_EVENTS or not page.count:
+                if writing:
+                    writing.result()
+                writing, batch = writer.submit(stage, batch), []
             if not page.count:
                 break
-        if pending is not None:
-            pending.cancel()
+        if fetching is not None:
+            fetching.cancel()
+        if writing:
+            writing.result()
+        if batch:
+            stage(batch)
     report.position = position
     report.seconds = round(time.monotonic() - started, 3)
     log.info("drained %s", {k: v for k, v in report.as_dict().items() if k != "quarantine_reasons"})

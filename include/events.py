@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 from include.config import TriggersConfig, dimension_column
@@ -40,6 +41,20 @@ class ParsedPage:
 
     def rows(self) -> list[tuple[Any, ...]]:
         return list(zip(*self.values, strict=True))
+
+    @classmethod
+    def merge(cls, pages: Sequence[ParsedPage]) -> ParsedPage:
+        """Consecutive pages as one; its position is the last page's."""
+        if len(pages) == 1:
+            return pages[0]
+        values = [list(chain.from_iterable(page.values[i] for page in pages)) for i in range(len(pages[0].columns))]
+        last = next((p.last_position for p in reversed(pages) if p.last_position is not None), None)
+        merged = cls(pages[0].columns, values, last, sum(p.count for p in pages),
+                     sum(p.quarantined for p in pages), sum(p.ignored for p in pages))
+        for page in pages:
+            for reason, count in page.reasons.items():
+                merged.reasons[reason] = merged.reasons.get(reason, 0) + count
+        return merged
 
 
 class EventParser:
