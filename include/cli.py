@@ -17,6 +17,7 @@ COMMANDS = {
     "simulator": ("include.simulator", "run the local Adobe pipeline simulator (IMS + journal)"),
     "keys": ("include.keys", "create an RSA key pair and a matching adobe_pipeline connection"),
     "drain": ("include.drain", "authenticate and drain the pipeline journal into staging once"),
+    "deliver": ("include.delivery", "send the pending emails once through smtp_default"),
     "import": ("include.staging", "stage a JSON-lines export of past events, for a backfill"),
     "demo": ("include.demo", "run the whole job once on embedded defaults and show what it did"),
     "status": ("include.status", "print the pipeline status (what the Airflow status view shows) as JSON"),

@@ -1,0 +1,765 @@
+"""Sending the pending deliveries over SMTP, each ``delivery_id`` at most once (SPEC sections 6, 7).
+
+The protocol of one delivery row::
+
+    pending --claim (one transaction per batch, attempts+1)--> sending --SMTP 250--> sent
+                                                                   \\--5xx--> failed (the reply)
+                                                                   \\--4xx or dropped--> pending
+                                                                        (retried after a backoff;
+                                                                         failed after max_attempts)
+
+* **Eligibility** is checked again just before each batch is claimed
+  (:func:`include.matching.still_eligible`): opted out, cancelled... -> ``suppressed``.
+* **Recording**: the 250 is written by a recorder thread that commits whatever results are waiting
+  in one transaction (group commit): when idle every message gets its own commit right after its
+  250; under load a commit covers the messages that arrived during the previous one. A connection
+  never has more than ``window`` messages acknowledged by the server but not yet committed, so a
+  crash can leave at most ``connections * window`` messages whose 250 was not recorded.
+* **A crash** leaves rows in ``sending``. A later run gives them back to ``pending`` once their
+  worker is known dead (same host and its process is gone) or its lease expired: those that never
+  left are sent once; only the at most ``connections * window`` that the server had accepted are
+  sent again, which is the window SPEC section 7 allows, and they carry the same ``Message-ID``.
+  A live worker never sends a claim older than half the lease, so a lease expiry cannot race it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import queue
+import smtplib
+import socket
+import ssl
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, text, update
+
+from include.config import TriggersConfig
+from include.db import deliveries, ensure_schema, recipients
+from include.errors import InvalidEmailError, SmtpUnavailableError, TemplateRenderError
+from include.render import RenderedEmail, Renderer, event_context, normalize_email, unsubscribe_url_for
+
+log = logging.getLogger(__name__)
+
+RECIPIENT_COLUMNS = tuple(c.name for c in recipients.columns)
+_ACTIVE_RUNS: set[str] = set()  # run tokens of deliver_pending calls running in this process
+_TRUE = {"1", "true", "yes", "on"}
+RECORD_LINGER = 0.002  # seconds a result may wait for others to share its commit (window > 1)
+SWITCH_INTERVAL = 0.0001  # GIL hand-over while sending: a thread whose reply arrived waits less
+
+
+def _flag(value: Any) -> bool:
+    return value.strip().lower() in _TRUE if isinstance(value, str) else bool(value)
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    """The ``smtp_default`` connection read with the SMTP provider's conventions.
+
+    host, port, login, password; extras ``from_email``, ``disable_ssl`` (default false: SMTP over
+    SSL, port 465), ``disable_tls`` (default false: STARTTLS on a plain connection), ``timeout``
+    (30 s), ``retry_limit`` (5 connection attempts), ``ssl_context`` (``default`` or ``none``).
+    One difference: STARTTLS is not attempted inside an SSL connection (the provider would).
+    """
+
+    host: str = "localhost"
+    port: int | None = None
+    login: str = ""
+    password: str = field(default="", repr=False)
+    use_ssl: bool = True
+    starttls: bool = True
+    timeout: float = 30.0
+    retry_limit: int = 5
+    from_email: str | None = None
+    verify_certificates: bool = True
+
+    @classmethod
+    def from_connection(cls, conn: Any) -> SmtpSettings:
+        """From an Airflow Connection or anything with host/port/login/password/extra_dejson."""
+        extra = getattr(conn, "extra_dejson", None) or {}
+        ssl_context = extra.get("ssl_context")
+        if ssl_context not in (None, "default", "none"):
+            raise SmtpUnavailableError(f"smtp_default extra ssl_context must be 'default' or 'none', not {ssl_context!r}")
+        return cls(
+            host=conn.host or "localhost",
+            port=int(conn.port) if conn.port else None,
+            login=conn.login or "",
+            password=conn.password or "",
+            use_ssl=not _flag(extra.get("disable_ssl", False)),
+            starttls=not _flag(extra.get("disable_tls", False)),
+            timeout=float(extra.get("timeout", 30)),
+            retry_limit=int(extra.get("retry_limit", 5)),
+            from_email=extra.get("from_email"),
+            verify_certificates=ssl_context != "none",
+        )
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port or (465 if self.use_ssl else 25)}"
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        if not self.verify_certificates:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    def connect(self) -> smtplib.SMTP:
+        """A connected, greeted and logged-in client. Login errors never show the password."""
+        if self.use_ssl:
+            client: smtplib.SMTP = smtplib.SMTP_SSL(self.host, self.port or 465, timeout=self.timeout, context=self._ssl_context())
+        else:
+            client = smtplib.SMTP(self.host, self.port or 25, timeout=self.timeout)
+        try:
+            client.ehlo()
+            if self.starttls and not self.use_ssl:
+                client.starttls(context=self._ssl_context())
+                client.ehlo()
+            if self.login and self.password:
+                client.login(self.login, self.password)
+        except smtplib.SMTPNotSupportedError:
+            client.close()
+            raise SmtpUnavailableError(
+                f"SMTP relay {self.address} does not offer STARTTLS; set extra disable_tls: true only if it is "
+                "on a trusted network, or use disable_ssl: false with its SSL port"
+            ) from None
+        except smtplib.SMTPAuthenticationError as error:
+            client.close()
+            raise SmtpUnavailableError(
+                f"SMTP relay {self.address} refused the login of {self.login!r} ({error.smtp_code}); check the "
+                "smtp_default connection's login and password"
+            ) from None
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+
+# ---------------------------------------------------------------------------------------------
+# Rate limits (SPEC section 4: limits.rate)
+# ---------------------------------------------------------------------------------------------
+class RateLimiter:
+    """Strict spacing overall and per recipient domain, shared by the sending threads."""
+
+    def __init__(self, per_second: float | None = None, per_domain_per_second: float | None = None) -> None:
+        self.interval = 1.0 / per_second if per_second else 0.0
+        self.domain_interval = 1.0 / per_domain_per_second if per_domain_per_second else 0.0
+        self._next_any = 0.0
+        self._next_domain: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def unlimited(self) -> bool:
+        return not (self.interval or self.domain_interval)
+
+    def reserve(self, domain: str) -> float:
+        """The monotonic time at which a message to ``domain`` may go (the slot is taken)."""
+        if self.unlimited:
+            return 0.0
+        with self._lock:
+            now = time.monotonic()
+            at = max(now, self._next_any, self._next_domain.get(domain, 0.0))
+            if self.interval:
+                self._next_any = at + self.interval
+            if self.domain_interval:
+                self._next_domain[domain] = at + self.domain_interval
+            return at
+
+    def wait(self, domain: str) -> None:
+        delay = self.reserve(domain) - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+
+# ---------------------------------------------------------------------------------------------
+# Send-time eligibility (SPEC section 7)
+# ---------------------------------------------------------------------------------------------
+def _matching_still_eligible() -> Callable[..., Any] | None:
+    try:
+        from include.matching import still_eligible
+    except ImportError:
+        return None
+    return still_eligible
+
+
+def recheck_eligibility(conn: Any, config: TriggersConfig, rows: list[Mapping[str, Any]]) -> list[str | None]:
+    """For each row: None if it may still be sent, else the suppression reason.
+
+    The decision is :func:`include.matching.still_eligible` (opted out, cancelling event arrived,
+    campaign removed...). The audience columns already read with the batch give a first answer
+    that does not depend on it: no recipient row -> ``unknown_recipient``, opted out -> ``opted_out``.
+    """
+    import pandas as pd
+
+    reasons: list[str | None] = []
+    for row in rows:
+        if row["r_recipient_id"] is None:
+            reasons.append("unknown_recipient")
+        elif _flag(row["r_opted_out"]):
+            reasons.append("opted_out")
+        else:
+            reasons.append(None)
+    still_eligible = _matching_still_eligible()
+    open_rows = [i for i, reason in enumerate(reasons) if reason is None]
+    if still_eligible is not None and open_rows:
+        frame = pd.DataFrame(
+            {name: [rows[i][name] for i in open_rows] for name in ("delivery_id", "campaign_id", "recipient_id", "event_id", "event_time")}
+        )
+        verdicts = still_eligible(conn, config, frame)
+        for i, verdict in zip(open_rows, verdicts.tolist(), strict=True):
+            if verdict is not None and not (isinstance(verdict, float) and verdict != verdict):
+                reasons[i] = str(verdict)
+    return reasons
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class _Job:
+    delivery_id: str
+    rendered: RenderedEmail
+    attempts: int
+    claimed_at: float
+    domain: str
+
+
+@dataclass(slots=True)
+class _Result:
+    job: _Job
+    outcome: str  # sent, failed, retry, release
+    reply: str
+    at: float
+    done: threading.Semaphore | None = None
+
+
+_STOP = object()
+
+
+def _reply_text(code: int, message: bytes | str) -> str:
+    text_ = message.decode("utf-8", "replace") if isinstance(message, bytes) else str(message)
+    return f"{code} {' '.join(text_.split())}"[:500]
+
+
+def _backoff_case(max_attempts: int, base: float, cap: float) -> str:
+    """SQL: seconds to wait after the attempts-th failed attempt (portable: no power())."""
+    whens = " ".join(f"WHEN {n} THEN {min(cap, base * 2 ** (n - 1))!r}" for n in range(1, max_attempts + 1))
+    return f"CASE attempts {whens} ELSE {cap!r} END"
+
+
+class _Delivery:
+    """One call of :func:`deliver_pending`: a coordinator (this thread), senders and a recorder."""
+
+    def __init__(self, engine: Engine, config: TriggersConfig, smtp: SmtpSettings, **options: Any) -> None:
+        self.engine = engine
+        self.config = config
+        self.smtp = smtp
+        self.__dict__.update(options)
+        self.run_token = f"{self.worker_id}|{socket.gethostname()}|{os.getpid()}|{uuid.uuid4().hex[:12]}"
+        self.renderer = Renderer(self.templates_dir)
+        self.campaigns = {c.id: c for c in config.campaigns}
+        rate = config.limits.rate
+        self.limiter = RateLimiter(rate.per_second if rate else None, rate.per_domain_per_second if rate else None)
+        self.counts: Counter[str] = Counter()
+        self.counts_lock = threading.Lock()
+        self.work: queue.Queue[Any] = queue.Queue(maxsize=max(self.batch_size, 2 * self.connections * self.window))
+        self.results: queue.Queue[Any] = queue.Queue()
+        self.fatal: list[BaseException] = []
+        self.alive_senders = self.connections
+        self.started = time.time()
+        self.claimed = 0
+        self.database_down = False
+        self.outstanding = 0  # claimed by this run, result not yet committed
+        self.envelope_from = normalize_email(smtp.from_email) if smtp.from_email else None
+
+    # -- time ------------------------------------------------------------------------------
+    def clock(self) -> float:
+        return time.time() if self.now is None else self.now + (time.time() - self.started)
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self.counts_lock:
+            self.counts[key] += n
+
+    # -- coordinator -----------------------------------------------------------------------
+    def run(self) -> dict[str, int]:
+        ensure_schema(self.engine, self.config.dimensions)
+        _ACTIVE_RUNS.add(self.run_token)
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch_interval, SWITCH_INTERVAL))
+        recorder = threading.Thread(target=self._record_loop, name="delivery-recorder", daemon=True)
+        senders = [threading.Thread(target=self._send_loop, args=(i,), name=f"delivery-smtp-{i}", daemon=True)
+                   for i in range(self.connections)]
+        recorder.start()
+        for sender in senders:
+            sender.start()
+        try:
+            self.count("requeued_interrupted", requeue_interrupted(self.engine, lease=self.lease, now=self.clock()))
+            self._produce()
+        finally:
+            for _ in senders:
+                self._put_work(_STOP)
+            for sender in senders:
+                sender.join()
+            self._release_queued()  # claimed but never handed to a connection
+            self.results.put(_STOP)
+            recorder.join()
+            _ACTIVE_RUNS.discard(self.run_token)
+            sys.setswitchinterval(switch_interval)
+        counts = {k: v for k, v in sorted(self.counts.items()) if v}
+        log.info("delivery %s: %s", self.worker_id, counts)
+        if self.fatal:
+            error = self.fatal[0]
+            if isinstance(error, SmtpUnavailableError):
+                raise SmtpUnavailableError(f"{error} (counts so far: {counts})") from None
+            raise error
+        return counts
+
+    def _produce(self) -> None:
+        while not self.fatal and self.alive_senders > 0:
+            if self.max_messages is not None and self.claimed >= self.max_messages:
+                return
+            limit = self.batch_size if self.max_messages is None else min(self.batch_size, self.max_messages - self.claimed)
+            rows = self._select_due(limit)
+            if not rows:
+                if self.outstanding > 0:  # results still to come may be retries due soon
+                    self._sleep(0.02)
+                    continue
+                wait = self._seconds_to_next_retry()
+                if wait is None or wait > self.wait_for_retries:
+                    return
+                self._sleep(max(0.01, wait))
+                continue
+            jobs = self._prepare(rows)
+            for job in jobs:
+                if self.fatal or self.alive_senders <= 0 or not self._put_work(job):
+                    self.results.put(_Result(job, "release", "", time.time()))
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.fatal and time.monotonic() < deadline:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    def _scope(self) -> tuple[str, dict[str, Any]]:
+        if self.interval is None:
+            return "", {}
+        return " AND d.event_time >= :start AND d.event_time < :end", {"start": self.interval[0], "end": self.interval[1]}
+
+    def _select_due(self, limit: int) -> list[Mapping[str, Any]]:
+        scope, params = self._scope()
+        recipient_columns = ", ".join(f'r."{c}" AS "r_{c}"' for c in RECIPIENT_COLUMNS)
+        sql = text(
+            f"""SELECT d.delivery_id, d.campaign_id, d.recipient_id, d.email, d.event_id, d.event_time, d.attempts,
+                       {recipient_columns}, e.trigger_id AS e_trigger_id, e.payload AS e_payload
+                FROM deliveries d
+                LEFT JOIN recipients r ON r.recipient_id = d.recipient_id
+                LEFT JOIN pipeline_events e ON e.event_id = d.event_id
+                WHERE d.status = 'pending'
+                  AND (d.attempts = 0 OR d.claimed_at IS NULL OR d.claimed_at <= :now - ({self.backoff_sql})){scope}
+                ORDER BY d.decided_at, d.delivery_id
+                LIMIT :limit"""
+        )
+        with self.engine.connect() as conn:
+            return list(conn.execute(sql, {"now": self.clock(), "limit": limit, **params}).mappings())
+
+    def _seconds_to_next_retry(self) -> float | None:
+        scope, params = self._scope()
+        sql = text(f"SELECT MIN(d.claimed_at + ({self.backoff_sql})) FROM deliveries d WHERE d.status = 'pending'{scope}")
+        with self.engine.connect() as conn:
+            due = conn.execute(sql, params).scalar()
+        return None if due is None else max(0.0, float(due) - self.clock())
+
+    def _render(self, row: Mapping[str, Any]) -> RenderedEmail:
+        campaign = self.campaigns[row["campaign_id"]]
+        recipient = {c: row[f"r_{c}"] for c in RECIPIENT_COLUMNS}
+        recipient["email"] = row["email"] or recipient["email"]  # the address the decision recorded
+        dimensions: dict[str, list[Any]] = {}
+        if row["e_payload"]:
+            try:
+                from include.events import dimension_values
+
+                dimensions = dimension_values(row["e_payload"])
+            except (ValueError, TypeError, AttributeError):
+                dimensions = {}
+        event = event_context(row["e_trigger_id"], row["event_time"], dimensions)
+        url = unsubscribe_url_for(row["delivery_id"], row["campaign_id"], row["recipient_id"], self.unsubscribe_url)
+        return self.renderer.render_bytes(campaign, recipient, event, row["delivery_id"], url)
+
+    def _prepare(self, rows: list[Mapping[str, Any]]) -> list[_Job]:
+        """Render, re-check eligibility, then in one transaction: suppress, fail, claim the rest."""
+        rendered: dict[str, RenderedEmail] = {}
+        closed: list[dict[str, Any]] = []  # status changes that are not a claim
+        for row in rows:
+            delivery_id = row["delivery_id"]
+            if row["campaign_id"] not in self.campaigns:
+                closed.append({"id": delivery_id, "status": "suppressed", "reason": "unknown_campaign"})
+                continue
+            try:
+                rendered[delivery_id] = self._render(row)
+            except InvalidEmailError:
+                closed.append({"id": delivery_id, "status": "suppressed", "reason": "invalid_email"})
+            except TemplateRenderError as error:
+                closed.append({"id": delivery_id, "status": "failed", "reason": f"template_error: {error}"[:500]})
+        now = self.clock()
+        with self.engine.begin() as conn:
+            candidates = [row for row in rows if row["delivery_id"] in rendered]
+            for row, reason in zip(candidates, recheck_eligibility(conn, self.config, candidates), strict=True):
+                if reason is not None:
+                    del rendered[row["delivery_id"]]
+                    closed.append({"id": row["delivery_id"], "status": "suppressed", "reason": reason})
+            if closed:
+                conn.execute(
+                    text("UPDATE deliveries SET status = :status, reason = :reason "
+                         "WHERE delivery_id = :id AND status = 'pending'"),
+                    [{"id": c["id"], "status": c["status"], "reason": c["reason"]} for c in closed],
+                )
+            claimed: set[str] = set()
+            if rendered:
+                result = conn.execute(
+                    update(deliveries)
+                    .where(deliveries.c.status == "pending", deliveries.c.delivery_id.in_(list(rendered)))
+                    .values(status="sending", claimed_by=self.run_token, claimed_at=now, attempts=deliveries.c.attempts + 1)
+                    .returning(deliveries.c.delivery_id)
+                )
+                claimed = set(result.scalars())
+        for change in closed:
+            key = change["status"] if change["status"] != "suppressed" else f"suppressed_{change['reason'].split(':')[0]}"
+            self.count("render_failed" if change["reason"].startswith("template_error") else key)
+        self.claimed += len(claimed)
+        with self.counts_lock:
+            self.outstanding += len(claimed)
+        self.count("lost_claim_race", len(rendered) - len(claimed))
+        attempts = {row["delivery_id"]: int(row["attempts"]) + 1 for row in rows}
+        jobs = [_Job(d, rendered[d], attempts[d], now, rendered[d].envelope_to.rpartition("@")[2])
+                for d in rendered if d in claimed]
+        return _interleave_domains(jobs)
+
+    # -- senders ---------------------------------------------------------------------------
+    def _send_loop(self, index: int) -> None:
+        window = threading.Semaphore(self.window)
+        client: smtplib.SMTP | None = None
+        try:
+            while True:
+                job = self.work.get()
+                if job is _STOP:
+                    return
+                if self.fatal:
+                    self.results.put(_Result(job, "release", "", time.time()))
+                    continue
+                if self.clock() - job.claimed_at > self.lease / 2:  # another run may requeue it soon
+                    self.results.put(_Result(job, "release", "", time.time()))
+                    continue
+                window.acquire()
+                self.limiter.wait(job.domain)
+                try:
+                    client, outcome, reply = self._send(client, job)
+                except SmtpUnavailableError as error:
+                    if self._last_sender_down():
+                        self.fatal.append(error)
+                    else:
+                        log.warning("connection %d gives up, the others go on: %s", index, error)
+                    self.results.put(_Result(job, "release", "", time.time(), window))
+                    return
+                self.results.put(_Result(job, outcome, reply, time.time(), window))
+        finally:
+            if client is not None:
+                try:
+                    client.quit()
+                except (smtplib.SMTPException, OSError):
+                    client.close()
+
+    def _last_sender_down(self) -> bool:
+        with self.counts_lock:
+            self.alive_senders -= 1
+            return self.alive_senders <= 0
+
+    def _put_work(self, item: Any) -> bool:
+        """Queue for the senders; False when none is left to take it."""
+        while True:
+            try:
+                self.work.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                if self.alive_senders <= 0:
+                    return False
+
+    def _release_queued(self) -> None:
+        while True:
+            try:
+                job = self.work.get_nowait()
+            except queue.Empty:
+                return
+            if job is not _STOP:
+                self.results.put(_Result(job, "release", "", time.time()))
+
+    def _connect(self) -> smtplib.SMTP:
+        delay = 0.2
+        for attempt in range(self.smtp.retry_limit + 1):
+            try:
+                return self.smtp.connect()
+            except SmtpUnavailableError:
+                raise
+            except (OSError, smtplib.SMTPException) as error:
+                if attempt == self.smtp.retry_limit:
+                    raise SmtpUnavailableError(
+                        f"cannot reach the SMTP relay {self.smtp.address} after {attempt + 1} attempts: "
+                        f"{type(error).__name__}: {error}"[:300]
+                    ) from None
+                self.count("reconnects")
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        raise AssertionError("unreachable")
+
+    def _send(self, client: smtplib.SMTP | None, job: _Job) -> tuple[smtplib.SMTP | None, str, str]:
+        """(client to reuse, outcome, reply). Dropped connections are retried on a new one."""
+        rendered = job.rendered
+        drops = 0
+        while True:
+            if client is None:
+                client = self._connect()
+            try:
+                code, message = client.mail(self.envelope_from or rendered.envelope_from)
+                if code == 250:
+                    code, message = client.rcpt(rendered.envelope_to)
+                    if code in (250, 251):
+                        try:
+                            code, message = client.data(rendered.data)
+                        except smtplib.SMTPDataError as refused:  # DATA itself refused (no 354)
+                            code, message = refused.smtp_code, refused.smtp_error
+                        if code == 250:
+                            return client, "sent", _reply_text(code, message)
+                reply = _reply_text(code, message)
+                if code == 421:  # the server is closing this connection
+                    client.close()
+                    client = None
+                    return client, "retry", reply
+                try:
+                    client.rset()
+                except smtplib.SMTPServerDisconnected:
+                    client.close()
+                    client = None
+                return client, ("retry" if 400 <= code < 500 else "failed"), reply
+            except (smtplib.SMTPServerDisconnected, OSError) as error:
+                client.close()
+                client = None
+                drops += 1
+                self.count("connection_drops")
+                if drops > self.smtp.retry_limit:
+                    return client, "retry", f"connection lost: {type(error).__name__}"
+                time.sleep(min(0.1 * 2 ** (drops - 1), 5.0))
+
+    # -- recorder --------------------------------------------------------------------------
+    def _record_loop(self) -> None:
+        stop = False
+        while not stop:
+            batch = [self.results.get()]
+            if self.window > 1:  # let a group form: one commit per group, not per message
+                time.sleep(RECORD_LINGER)
+            while len(batch) < 5000:
+                try:
+                    batch.append(self.results.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(item is _STOP for item in batch)
+            items = [item for item in batch if item is not _STOP]
+            if items:
+                self._commit(items)
+
+    def _commit(self, items: list[_Result]) -> None:
+        sent, closed, retry, release = [], [], [], []
+        for item in items:
+            job = item.job
+            params = {"id": job.delivery_id, "token": self.run_token, "at": item.at, "reply": item.reply}
+            if item.outcome == "sent":
+                sent.append(params)
+            elif item.outcome == "failed":
+                closed.append({**params, "reason": "smtp_rejected"})
+            elif item.outcome == "retry" and job.attempts >= self.max_attempts:
+                closed.append({**params, "reason": f"gave up after {job.attempts} attempts"})
+            elif item.outcome == "retry":
+                retry.append(params)
+            else:
+                release.append(params)
+        if self.database_down:  # rows stay 'sending'; a later run requeues them
+            items, sent, closed, retry, release = items, [], [], [], []
+        guard = "WHERE delivery_id = :id AND status = 'sending' AND claimed_by = :token"
+        for attempt in itertools.count():
+            if not (sent or closed or retry or release):
+                break
+            try:
+                with self.engine.begin() as conn:
+                    if sent:
+                        conn.execute(text(f"UPDATE deliveries SET status = 'sent', sent_at = :at, smtp_reply = :reply, reason = NULL {guard}"), sent)
+                    if closed:
+                        conn.execute(text(f"UPDATE deliveries SET status = 'failed', reason = :reason, smtp_reply = :reply {guard}"), closed)
+                    if retry:
+                        conn.execute(text(f"UPDATE deliveries SET status = 'pending', claimed_at = :at, smtp_reply = :reply, reason = 'retry: ' || :reply {guard}"), retry)
+                    if release:  # never handed to the server: the claim did not count
+                        conn.execute(text(f"UPDATE deliveries SET status = 'pending', attempts = attempts - 1 {guard}"), release)
+                break
+            except Exception as error:  # the database must come back before anything else is sent
+                if attempt >= 5:
+                    log.error("cannot record %d delivery results: %s; stopping", len(items), error)
+                    self.fatal.append(error)
+                    self.database_down = True
+                    sent, closed, retry, release = [], [], [], []
+                    break
+                time.sleep(0.5 * 2 ** attempt)
+        for item in items:
+            if item.done is not None:
+                item.done.release()
+        with self.counts_lock:
+            self.outstanding -= len(items)
+        self.count("sent", len(sent))
+        self.count("failed", len(closed))
+        self.count("retried", len(retry))
+        self.count("released", len(release))
+
+
+def _interleave_domains(jobs: list[_Job]) -> list[_Job]:
+    """Round-robin over recipient domains, so one throttled domain does not hold up the rest."""
+    by_domain: dict[str, list[_Job]] = {}
+    for job in jobs:
+        by_domain.setdefault(job.domain, []).append(job)
+    if len(by_domain) <= 1:
+        return jobs
+    return [job for group in itertools.zip_longest(*by_domain.values()) for job in group if job is not None]
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim_is_orphaned(claimed_by: str | None, claimed_at: float | None, *, lease: float, now: float) -> bool:
+    """A claim whose worker is gone: lease expired, or its process on this host no longer runs."""
+    if claimed_at is None or claimed_at < now - lease or not claimed_by:
+        return True
+    parts = claimed_by.rsplit("|", 3)
+    if len(parts) != 4:
+        return False
+    _, host, pid, _ = parts
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return claimed_by not in _ACTIVE_RUNS
+    return not _process_alive(int(pid))
+
+
+def requeue_interrupted(engine: Engine, *, lease: float = 600.0, now: float | None = None) -> int:
+    """Give rows left in ``sending`` by a dead worker back to ``pending``; return how many.
+
+    At most ``window`` of them per connection of that worker had been accepted by the server:
+    those are sent again (the SPEC's crash window), with the same Message-ID; the others were
+    never handed to the server and are sent once.
+    """
+    now = time.time() if now is None else now
+    with engine.begin() as conn:
+        rows = conn.execute(text("SELECT delivery_id, claimed_by, claimed_at FROM deliveries WHERE status = 'sending'")).all()
+        orphans = [
+            {"id": row.delivery_id, "by": row.claimed_by, "reason": f"requeued: send interrupted ({row.claimed_by})"[:500]}
+            for row in rows
+            if _claim_is_orphaned(row.claimed_by, row.claimed_at, lease=lease, now=now)
+        ]
+        if orphans:
+            conn.execute(
+                text("UPDATE deliveries SET status = 'pending', reason = :reason "
+                     "WHERE delivery_id = :id AND status = 'sending' AND claimed_by = :by"),
+                orphans,
+            )
+            log.warning("requeued %d deliveries left in 'sending' by interrupted workers", len(orphans))
+    return len(orphans)
+
+
+def deliver_pending(
+    engine: Engine,
+    config: TriggersConfig,
+    smtp: SmtpSettings,
+    *,
+    templates_dir: str | os.PathLike[str],
+    worker_id: str,
+    connections: int = 1,
+    batch_size: int = 500,
+    max_messages: int | None = None,
+    now: float | None = None,
+    interval: tuple[float, float] | None = None,
+    window: int = 16,
+    lease: float = 600.0,
+    retry_delay: float = 60.0,
+    max_retry_delay: float = 3600.0,
+    max_attempts: int = 8,
+    wait_for_retries: float = 30.0,
+    unsubscribe_url: str | None = None,
+) -> dict[str, int]:
+    """Send every due pending delivery (of ``interval``'s events, for a backfill) and record it.
+
+    ``connections`` SMTP connections in parallel, each reused for many messages; the rate limits
+    of ``config.limits.rate``. A 4xx or a dropped connection puts the row back to ``pending`` with
+    ``retry_delay * 2**(attempts-1)`` (capped) before it is due again; this run waits for retries
+    due within ``wait_for_retries`` seconds and leaves later ones to the next run; after
+    ``max_attempts`` claims the row is ``failed``. A 5xx is ``failed`` with the reply.
+    ``window`` bounds the messages per connection accepted by the server but not yet committed
+    (1 = commit each message before sending the next). Returns the counts (sent, failed,
+    retried, suppressed_<reason>, render_failed, requeued_interrupted, ...).
+    Raises :class:`SmtpUnavailableError` when no connection to the relay could be made, after
+    giving the unsent rows back.
+    """
+    if connections < 1 or window < 1 or batch_size < 1:
+        raise ValueError("connections, window and batch_size must be at least 1")
+    run = _Delivery(
+        engine, config, smtp,
+        templates_dir=Path(templates_dir), worker_id=worker_id, connections=connections, batch_size=batch_size,
+        max_messages=max_messages, now=now, interval=interval, window=window, lease=lease,
+        max_attempts=max_attempts, wait_for_retries=wait_for_retries, unsubscribe_url=unsubscribe_url,
+        backoff_sql=_backoff_case(max_attempts, retry_delay, max_retry_delay),
+    )
+    return run.run()
+
+
+def counts_total(counts: Mapping[str, int], prefix: str) -> int:
+    return sum(v for k, v in counts.items() if k.startswith(prefix))
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: python -m include.cli deliver
+# ---------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--connections", type=int, default=int(os.environ.get("TRIGGERS_SMTP_CONNECTIONS", "2")))
+    parser.add_argument("--max-messages", type=int, default=None, help="stop after claiming this many")
+    parser.add_argument("--worker-id", default="cli")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Send the pending deliveries once through `smtp_default` (AIRFLOW_CONN_SMTP_DEFAULT)."""
+    from airflow.sdk import BaseHook
+
+    from include.config import Settings, load_config
+    from include.db import make_engine
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    settings = Settings.from_env()
+    config = load_config(settings.config_path, settings.templates_dir)
+    smtp = SmtpSettings.from_connection(BaseHook.get_connection(settings.smtp_conn_id))
+    counts = deliver_pending(
+        make_engine(settings.db_url), config, smtp, templates_dir=settings.templates_dir,
+        worker_id=args.worker_id, connections=args.connections, max_messages=args.max_messages,
+    )
+    print(counts)
+    return 0
+
+
+__all__: Iterable[str] = ("SmtpSettings", "RateLimiter", "deliver_pending", "requeue_interrupted", "recheck_eligibility")

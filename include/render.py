@@ -1,0 +1,303 @@
+"""Rendering one email from a campaign's Jinja2 template set (SPEC section 6).
+
+A set ``NAME`` is ``NAME.subject.j2``, ``NAME.txt.j2`` and ``NAME.html.j2`` in the templates folder;
+``NAME.fr_FR.*`` (then ``NAME.fr.*``) is used for a recipient whose ``locale`` is ``fr_FR`` when
+all three of its files exist. Only ``.html.j2`` templates autoescape. Templates run with
+``StrictUndefined``: a typo or a missing value fails that delivery (``template_error: ...``)
+rather than sending "Hello ,"; read optional dimensions with ``event.dimensions.get("products", [])``.
+
+The message is serialised here, not by the ``email`` package: building and flattening an
+``EmailMessage`` costs about 4 ms, more than sending it. Safety does not rest on the
+serialiser's care but on construction: an address is accepted only if it is one plain
+``local@domain`` (else :class:`InvalidEmailError`, the delivery is suppressed ``invalid_email``);
+every other header value built from data has its control characters (CR, LF...) removed and is
+written as a quoted string or RFC 2047 encoded words, so it can neither end its header line nor
+add a recipient. The tests parse the output with the standard library's strict parser.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email import message_from_bytes
+from email import policy as email_policy
+from email.message import EmailMessage
+from email.utils import formatdate, parseaddr
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import jinja2
+
+from include.errors import InvalidEmailError, TemplateRenderError
+
+DEFAULT_UNSUBSCRIBE_URL = "https://example.com/unsubscribe?d={delivery_id}"
+UNSUBSCRIBE_URL_ENV = "TRIGGERS_UNSUBSCRIBE_URL"
+UNSUBSCRIBE_MAILTO_ENV = "TRIGGERS_UNSUBSCRIBE_MAILTO"
+PARTS = ("subject", "txt", "html")
+
+_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
+_LOCAL_PART = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*")
+_DOMAIN = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+(?:[A-Za-z]{2,63}|xn--[A-Za-z0-9-]{1,59})")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_PLAIN_PHRASE = re.compile(rf"[{_ATEXT} ]*")
+_LOCALE = re.compile(r"([A-Za-z]{2,3})(?:[_-]([A-Za-z0-9]{2,8}))?")
+_URL_FORBIDDEN = re.compile(r"[\s<>\",\x00-\x1f\x7f]")
+_ENCODED_CHUNK_BYTES = 45  # base64 of 45 bytes = 60 chars: "=?utf-8?b?" + 60 + "?=" <= 75 (RFC 2047)
+
+
+class CampaignLike(Protocol):
+    id: str
+    template: str
+    sender: str
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedEmail:
+    """What SMTP needs: the envelope (never read from headers) and the message bytes (CRLF)."""
+
+    envelope_from: str
+    envelope_to: str
+    data: bytes
+    message_id: str
+
+
+def normalize_email(value: Any) -> str:
+    """``value`` as one plain ``local@domain`` address (IDN domain in ``xn--`` form), else InvalidEmailError.
+
+    Quoted local parts, comments, display names, lists, spaces and control characters are all
+    refused: an address that needs any of them is not worth the risk of a misparsed recipient.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidEmailError("empty email address")
+    address = value.strip()
+    local, at, domain = address.rpartition("@")
+    if not at or len(address) > 254 or len(local) > 64 or not _LOCAL_PART.fullmatch(local):
+        raise InvalidEmailError(f"not a single valid email address: {address[:80]!r}")
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise InvalidEmailError(f"not a valid domain: {domain[:80]!r}") from None
+    if len(domain) > 253 or not _DOMAIN.fullmatch(domain):
+        raise InvalidEmailError(f"not a single valid email address: {address[:80]!r}")
+    return f"{local}@{domain.lower()}"
+
+
+def clean_header_text(value: Any) -> str:
+    """One line of text: control characters (CR, LF, NUL...) become spaces, runs of space one."""
+    return " ".join(_CONTROL.sub(" ", "" if value is None else str(value)).split())
+
+
+def _encoded_words(text: str) -> str:
+    """RFC 2047 base64 encoded words, folded (CRLF SP) between words."""
+    words, chunk, size = [], [], 0
+    for char in text:
+        length = len(char.encode("utf-8"))
+        if size + length > _ENCODED_CHUNK_BYTES:
+            words.append("".join(chunk))
+            chunk, size = [], 0
+        chunk.append(char)
+        size += length
+    if chunk:
+        words.append("".join(chunk))
+    return "\r\n ".join(f"=?utf-8?b?{base64.b64encode(w.encode('utf-8')).decode('ascii')}?=" for w in words)
+
+
+def encode_unstructured(value: Any) -> str:
+    """A Subject-like header value: plain ASCII as is, anything else as encoded words."""
+    text = clean_header_text(value)
+    if text.isascii() and len(text) <= 900 and "=?" not in text:
+        return text
+    return _encoded_words(text)
+
+
+def encode_phrase(value: Any) -> str:
+    """A display name: an atom phrase, else a quoted string, else encoded words."""
+    text = clean_header_text(value)
+    if not text:
+        return ""
+    if not text.isascii() or len(text) > 70 or "=?" in text:
+        return _encoded_words(text)
+    if _PLAIN_PHRASE.fullmatch(text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def format_address(display_name: Any, address: str) -> str:
+    """``Name <addr>`` for an address already checked by :func:`normalize_email`."""
+    phrase = encode_phrase(display_name)
+    return f"{phrase} <{address}>" if phrase else address
+
+
+def parse_sender(sender: str) -> tuple[str, str]:
+    """A campaign's ``sender`` ("Shop <shop@example.com>") -> (header value, envelope address)."""
+    name, address = parseaddr(sender)
+    try:
+        address = normalize_email(address)
+    except InvalidEmailError:
+        raise InvalidEmailError(f"campaign sender {sender!r} is not 'Name <address>' with one valid address") from None
+    return format_address(name, address), address
+
+
+def message_id_for(delivery_id: str, domain: str) -> str:
+    """``<delivery_id@domain>``; an id that is not a dot-atom is replaced by its SHA-1 (stable)."""
+    left = str(delivery_id)
+    if not _LOCAL_PART.fullmatch(left) or len(left) > 200:
+        left = hashlib.sha1(left.encode("utf-8")).hexdigest()
+    return f"<{left}@{domain}>"
+
+
+def unsubscribe_url_for(delivery_id: str, campaign_id: str, recipient_id: str | None = None, template: str | None = None) -> str:
+    """The one-click unsubscribe URL: ``TRIGGERS_UNSUBSCRIBE_URL`` with ``{delivery_id}``,
+    ``{campaign_id}`` and ``{recipient_id}`` filled in, URL-quoted."""
+    template = template or os.environ.get(UNSUBSCRIBE_URL_ENV) or DEFAULT_UNSUBSCRIBE_URL
+    return template.format(
+        delivery_id=quote(str(delivery_id), safe=""),
+        campaign_id=quote(str(campaign_id), safe=""),
+        recipient_id=quote(str(recipient_id or ""), safe=""),
+    )
+
+
+def event_context(trigger_id: str | None, event_time: float | None, dimensions: Mapping[str, list[Any]] | None) -> dict[str, Any]:
+    """What a template sees as ``event``: trigger_id, time (aware, UTC), dimensions name -> values."""
+    return {
+        "trigger_id": trigger_id,
+        "time": datetime.fromtimestamp(float(event_time), tz=UTC) if event_time is not None else None,
+        "dimensions": {str(k).strip(): list(v) for k, v in (dimensions or {}).items()},
+    }
+
+
+def _quoted_printable(text: str) -> bytes:
+    body = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not body.endswith("\n"):
+        body += "\n"
+    return binascii.b2a_qp(body.encode("utf-8"), istext=True).replace(b"\n", b"\r\n")
+
+
+class Renderer:
+    """Compiles each template set once and renders messages from it."""
+
+    def __init__(self, templates_dir: str | os.PathLike[str], *, unsubscribe_mailto: str | None = None) -> None:
+        self.templates_dir = Path(templates_dir)
+        self.environment = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(self.templates_dir)),
+            autoescape=lambda name: bool(name) and name.endswith(".html.j2"),
+            undefined=jinja2.StrictUndefined,
+            auto_reload=False,
+            keep_trailing_newline=False,
+        )
+        self.unsubscribe_mailto = unsubscribe_mailto if unsubscribe_mailto is not None else os.environ.get(UNSUBSCRIBE_MAILTO_ENV)
+        self._sets: dict[tuple[str, str | None], tuple[jinja2.Template, ...]] = {}
+        self._senders: dict[str, tuple[str, str, str]] = {}
+        self._date: tuple[int, str] = (0, "")
+
+    def template_set(self, name: str, locale: str | None = None) -> tuple[jinja2.Template, ...]:
+        """The compiled (subject, txt, html) for ``name`` in ``locale`` (falls back to the plain set)."""
+        key = (name, locale)
+        found = self._sets.get(key)
+        if found is None:
+            found = self._sets[key] = self._load_set(name, locale)
+        return found
+
+    def _load_set(self, name: str, locale: str | None) -> tuple[jinja2.Template, ...]:
+        candidates = []
+        match = _LOCALE.fullmatch(locale.strip()) if isinstance(locale, str) else None
+        if match:  # only a well-formed locale reaches a file name
+            language, region = match.group(1).lower(), match.group(2)
+            if region:
+                candidates.append(f"{name}.{language}_{region.upper()}")
+            candidates.append(f"{name}.{language}")
+        candidates.append(name)
+        for prefix in candidates:
+            if all((self.templates_dir / f"{prefix}.{part}.j2").is_file() for part in PARTS):
+                try:
+                    return tuple(self.environment.get_template(f"{prefix}.{part}.j2") for part in PARTS)
+                except jinja2.TemplateError as error:
+                    raise TemplateRenderError(f"template set {prefix!r}: {error}") from None
+        raise TemplateRenderError(f"template set {name!r} not found in {self.templates_dir} (needs {name}.subject.j2, .txt.j2, .html.j2)")
+
+    def _sender(self, sender: str) -> tuple[str, str, str]:
+        found = self._senders.get(sender)
+        if found is None:
+            header, address = parse_sender(sender)
+            found = self._senders[sender] = (header, address, address.rpartition("@")[2])
+        return found
+
+    def _date_header(self) -> str:
+        second = int(time.time())
+        if self._date[0] != second:
+            self._date = (second, formatdate(second, usegmt=True))
+        return self._date[1]
+
+    def render_bytes(
+        self,
+        campaign: CampaignLike,
+        recipient: Mapping[str, Any],
+        event: Mapping[str, Any],
+        delivery_id: str,
+        unsubscribe_url: str,
+    ) -> RenderedEmail:
+        """The message as SMTP bytes. InvalidEmailError for a bad recipient, TemplateRenderError else."""
+        to_address = normalize_email(recipient.get("email"))
+        from_header, from_address, domain = self._sender(campaign.sender)
+        if _URL_FORBIDDEN.search(unsubscribe_url):
+            raise TemplateRenderError(f"unsubscribe URL {unsubscribe_url[:100]!r} contains spaces, quotes or brackets")
+        subject_t, text_t, html_t = self.template_set(campaign.template, recipient.get("locale"))
+        context = {"recipient": recipient, "event": event, "campaign": {"id": campaign.id}, "unsubscribe_url": unsubscribe_url}
+        try:
+            subject = subject_t.render(context)
+            text = text_t.render(context)
+            html = html_t.render(context)
+        except Exception as error:  # any template failure fails this delivery only
+            raise TemplateRenderError(f"template {campaign.template!r}: {type(error).__name__}: {error}"[:500]) from None
+        name = " ".join(str(p) for p in (recipient.get("first_name"), recipient.get("last_name")) if p)
+        message_id = message_id_for(delivery_id, domain)
+        unsubscribe = f"<{unsubscribe_url}>"
+        if self.unsubscribe_mailto:
+            unsubscribe += f", <mailto:{self.unsubscribe_mailto}?subject=unsubscribe-{quote(str(delivery_id), safe='')}>"
+        boundary = "=_" + os.urandom(12).hex()  # "=_" cannot occur in quoted-printable text
+        head = (
+            f"From: {from_header}\r\n"
+            f"To: {format_address(name, to_address)}\r\n"
+            f"Subject: {encode_unstructured(subject)}\r\n"
+            f"Date: {self._date_header()}\r\n"
+            f"Message-ID: {message_id}\r\n"
+            f"List-Unsubscribe: {unsubscribe}\r\n"
+            "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
+            f"X-Campaign-Id: {clean_header_text(campaign.id)}\r\n"
+            "MIME-Version: 1.0\r\n"
+            f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n'
+            "\r\n"
+            f"--{boundary}\r\n"
+            'Content-Type: text/plain; charset="utf-8"\r\n'
+            "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+        ).encode("ascii")
+        html_head = (
+            f"--{boundary}\r\n"
+            'Content-Type: text/html; charset="utf-8"\r\n'
+            "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+        ).encode("ascii")
+        data = b"".join((head, _quoted_printable(text), html_head, _quoted_printable(html), f"--{boundary}--\r\n".encode("ascii")))
+        return RenderedEmail(from_address, to_address, data, message_id)
+
+    def render(
+        self,
+        campaign: CampaignLike,
+        recipient: Mapping[str, Any],
+        event: Mapping[str, Any],
+        delivery_id: str,
+        unsubscribe_url: str,
+    ) -> EmailMessage:
+        """The message as an :class:`EmailMessage` (multipart/alternative text + HTML)."""
+        rendered = self.render_bytes(campaign, recipient, event, delivery_id, unsubscribe_url)
+        message = message_from_bytes(rendered.data, policy=email_policy.default)
+        assert isinstance(message, EmailMessage)
+        return message

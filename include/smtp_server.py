@@ -1,0 +1,243 @@
+"""A real local SMTP server (aiosmtpd) for the demo and the tests, with switchable faults.
+
+``python -m include.cli smtp serve --port 8025 --maildir var/mail`` runs it in the foreground;
+point ``smtp_default`` at it with ``{"conn_type": "smtp", "host": "127.0.0.1", "port": 8025,
+"extra": {"disable_ssl": true, "disable_tls": true}}``.
+
+Faults (all thread-safe, set from the test's thread while the server runs):
+``fail_next(n)`` answers 451 to the next n messages, ``reject(addr)`` answers 550 at RCPT TO
+for that address, ``drop_next(n)`` closes the connection after the next n messages' DATA without
+a reply and without storing them, ``outage_after(n, seconds)`` takes the server down right after
+it stored and acknowledged its n-th message and brings it back on the same port, ``delay`` sleeps
+before each reply (a slow relay). ``stop()`` / ``start()`` restart on the same port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import mailbox
+import socket
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+
+@dataclass(frozen=True)
+class ReceivedMessage:
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    data: bytes
+    received_at: float
+
+    @property
+    def message(self) -> EmailMessage:
+        parsed = message_from_bytes(self.data, policy=policy.default)
+        assert isinstance(parsed, EmailMessage)
+        return parsed
+
+    def __getitem__(self, header: str) -> Any:
+        """A header of the parsed message, e.g. ``received["Subject"]``."""
+        return self.message[header]
+
+    @property
+    def message_id(self) -> str | None:
+        for line in self.data.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+            if line.lower().startswith(b"message-id:"):
+                return line.split(b":", 1)[1].strip().decode("ascii", "replace")
+        return None
+
+
+@dataclass
+class Faults:
+    temp_fail_remaining: int = 0
+    temp_fail_reply: str = "451 4.3.0 Temporary local problem, try again later"
+    rejected: set[str] = field(default_factory=set)
+    reject_reply: str = "550 5.1.1 Mailbox unavailable"
+    drop_remaining: int = 0
+    outage_at: int | None = None
+    outage_seconds: float = 1.0
+    delay: float = 0.0
+
+
+class _Handler:
+    def __init__(self, server: LocalSmtpServer) -> None:
+        self.server = server
+
+    async def handle_RCPT(self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
+        if self.server._refusing:
+            assert smtp.transport is not None
+            smtp.transport.abort()
+            return "421 4.3.2 going down"
+        with self.server._lock:
+            if address.lower() in self.server.faults.rejected:
+                return self.server.faults.reject_reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, smtp: SMTP, session: Session, envelope: Envelope) -> str:
+        server = self.server
+        faults = server.faults
+        if faults.delay:
+            await asyncio.sleep(faults.delay)
+        with server._lock:
+            if server._refusing or faults.drop_remaining > 0:
+                if not server._refusing:
+                    faults.drop_remaining -= 1
+                assert smtp.transport is not None
+                smtp.transport.abort()  # no reply at all: the client sees a dropped connection
+                return "421 4.3.2 closing"
+            if faults.temp_fail_remaining > 0:
+                faults.temp_fail_remaining -= 1
+                return faults.temp_fail_reply
+            data = envelope.original_content or envelope.content or b""
+            if isinstance(data, str):
+                data = data.encode("utf-8")
+            received = ReceivedMessage(str(envelope.mail_from), tuple(envelope.rcpt_tos), data, time.time())
+            server.messages.append(received)
+            count = len(server.messages)
+            outage = faults.outage_at is not None and count >= faults.outage_at
+            if outage:
+                faults.outage_at = None
+                server._refusing = True  # set before the 250 leaves: nothing after it is stored
+        if server._maildir is not None:
+            server._maildir.add(data)
+        if outage:
+            threading.Thread(target=server._outage, args=(faults.outage_seconds,), daemon=True).start()
+        return f"250 2.0.0 OK queued as {count}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+class LocalSmtpServer:
+    """An aiosmtpd server in a background thread that keeps what it receives."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        maildir: str | Path | None = None,
+        credentials: tuple[str, str] | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.messages: list[ReceivedMessage] = []
+        self.faults = Faults()
+        self.credentials = credentials
+        self._lock = threading.RLock()
+        self._refusing = False
+        self._controller: Controller | None = None
+        self._maildir = mailbox.Maildir(str(maildir), create=True) if maildir else None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> LocalSmtpServer:
+        if self._controller is not None:
+            return self
+        mail_log = logging.getLogger("mail.log")
+        if mail_log.level == logging.NOTSET:  # aiosmtpd logs every SMTP command at INFO
+            mail_log.setLevel(logging.WARNING)
+        kwargs: dict[str, Any] = {"decode_data": False, "data_size_limit": 10 * 1024 * 1024}
+        if self.credentials:  # plain AUTH on loopback: this server is for tests and the demo only
+            warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS", UserWarning)
+            kwargs.update(authenticator=self._authenticate, auth_require_tls=False, auth_required=True)
+        controller = Controller(_Handler(self), hostname=self.host, port=self.port, ready_timeout=10, server_kwargs=kwargs)
+        controller.start()
+        self._controller = controller
+        return self
+
+    def stop(self) -> None:
+        controller, self._controller = self._controller, None
+        if controller is not None:
+            controller.stop()
+
+    def __enter__(self) -> LocalSmtpServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _outage(self, seconds: float) -> None:
+        self.stop()
+        time.sleep(seconds)
+        self._refusing = False
+        self.start()
+
+    def _authenticate(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any) -> AuthResult:
+        ok = isinstance(auth_data, LoginPassword) and self.credentials is not None and (
+            auth_data.login.decode(), auth_data.password.decode()) == self.credentials
+        return AuthResult(success=ok, handled=False)
+
+    # -- faults ----------------------------------------------------------------------------
+    def fail_next(self, count: int, reply: str | None = None) -> None:
+        with self._lock:
+            self.faults.temp_fail_remaining = count
+            if reply:
+                self.faults.temp_fail_reply = reply
+
+    def reject(self, *addresses: str, reply: str | None = None) -> None:
+        with self._lock:
+            self.faults.rejected.update(a.lower() for a in addresses)
+            if reply:
+                self.faults.reject_reply = reply
+
+    def drop_next(self, count: int) -> None:
+        with self._lock:
+            self.faults.drop_remaining = count
+
+    def outage_after(self, count: int, seconds: float = 1.0) -> None:
+        with self._lock:
+            self.faults.outage_at = count
+            self.faults.outage_seconds = seconds
+
+    # -- inspection ------------------------------------------------------------------------
+    def message_ids(self) -> list[str | None]:
+        with self._lock:
+            return [m.message_id for m in self.messages]
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.messages) >= count:
+                return True
+            time.sleep(0.01)
+        return len(self.messages) >= count
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="smtp_command", required=True, metavar="SUBCOMMAND")
+    serve = sub.add_parser("serve", help="run a local SMTP server that keeps every message")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8025)
+    serve.add_argument("--maildir", default=None, help="also store each message in this Maildir folder")
+
+
+def main(args: argparse.Namespace) -> int:
+    server = LocalSmtpServer(args.host, args.port, maildir=args.maildir).start()
+    where = f", Maildir {args.maildir}" if args.maildir else ""
+    print(f"SMTP server on {args.host}:{server.port}{where}; Ctrl-C stops it", flush=True)
+    try:
+        count = 0
+        while True:
+            time.sleep(1)
+            if len(server.messages) != count:
+                count = len(server.messages)
+                print(f"{count} messages received", flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0

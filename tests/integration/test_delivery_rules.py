@@ -1,0 +1,48 @@
+"""Delivery rules that need no server: the smtp_default conventions, rate limits, orphaned claims."""
+
+from __future__ import annotations
+
+import os
+import socket
+from types import SimpleNamespace
+
+import pytest
+
+from include.delivery import RateLimiter, SmtpSettings, _claim_is_orphaned
+from include.errors import SmtpUnavailableError
+
+
+def connection(**fields: object) -> SimpleNamespace:
+    base = {"host": "smtp.example.com", "port": None, "login": None, "password": None, "extra_dejson": {}}
+    return SimpleNamespace(**{**base, **fields})
+
+
+def test_smtp_settings_follow_the_provider_defaults_and_extras() -> None:
+    default = SmtpSettings.from_connection(connection())
+    assert (default.use_ssl, default.starttls, default.timeout, default.retry_limit) == (True, True, 30.0, 5)
+    assert default.address == "smtp.example.com:465"
+    relay = SmtpSettings.from_connection(connection(port=587, login="apikey", password="secret", extra_dejson={
+        "disable_ssl": "true", "disable_tls": False, "timeout": 10, "retry_limit": 2, "from_email": "bounces@shop.example"}))
+    assert (relay.use_ssl, relay.starttls, relay.address, relay.from_email) == (False, True, "smtp.example.com:587", "bounces@shop.example")
+    assert "secret" not in repr(relay)
+    with pytest.raises(SmtpUnavailableError, match="ssl_context"):
+        SmtpSettings.from_connection(connection(extra_dejson={"ssl_context": "insecure"}))
+
+
+def test_rate_limiter_spaces_slots_overall_and_per_domain() -> None:
+    limiter = RateLimiter(per_second=100, per_domain_per_second=10)
+    gmail = [limiter.reserve("gmail.com") for _ in range(3)]
+    other = limiter.reserve("yahoo.fr")
+    assert all(b - a >= 0.1 - 1e-9 for a, b in zip(gmail, gmail[1:], strict=False))  # 10/s for one domain
+    assert other - gmail[-1] >= 0.01 - 1e-9 and other < gmail[-1] + 0.1  # only the overall 100/s applies
+    assert RateLimiter().unlimited and RateLimiter().reserve("x") == 0.0
+
+
+def test_a_claim_is_orphaned_only_when_its_worker_is_surely_gone() -> None:
+    host = socket.gethostname()
+    now = 10_000.0
+    live = f"run|{host}|1|abc"  # pid 1 always runs
+    assert not _claim_is_orphaned(live, now - 5, lease=600, now=now)
+    assert _claim_is_orphaned(live, now - 601, lease=600, now=now)  # lease expired
+    assert _claim_is_orphaned(f"run|{host}|{os.getpid()}|not-running", now - 5, lease=600, now=now)  # this process, not a running call
+    assert not _claim_is_orphaned("run|other-host|12345|abc", now - 5, lease=600, now=now)  # cannot tell: wait for the lease
