@@ -196,6 +196,8 @@ _LAST_NAMES = {
     "en_US": ("Smith", "Johnson", "O'Brien", "Williams", "Brown", "Garcia", "Miller", "Davis"),
 }
 _LOCALES = (("en_US", 0.45), ("fr_FR", 0.25), ("de_DE", 0.15), ("", 0.15))
+# reserved names (RFC 2606/6761), several of them so that per-domain send limits show as they would
+_MAIL_DOMAINS = ("example.com", "example.net", "example.org", "mail.example", "inbox.example")
 _INVALID_EMAILS = ("not-an-email", "{first}@", "{first}@@example.com", "{first} {last}@example.com", "@example.com")
 AUDIENCE_COLUMNS = ("recipient_id", "email", "first_name", "last_name", "locale", "shopper_id", "mc_id", "opted_out")
 
@@ -239,7 +241,8 @@ def write_audience_csv(
                 if rng.random() < invalid_email_share:
                     email = rng.choice(_INVALID_EMAILS).format(first=first.lower(), last=last.lower())
                 else:
-                    email = f"{_ascii_local_part(first)}.{_ascii_local_part(last)}.{i}@example.com"
+                    domain = _MAIL_DOMAINS[i % len(_MAIL_DOMAINS)]
+                    email = f"{_ascii_local_part(first)}.{_ascii_local_part(last)}.{i}@{domain}"
                 if rng.random() < 0.03:  # first names are nullable; templates must cope
                     first = ""
                 opted_out = "true" if rng.random() < opted_out_share else "false"
