@@ -20,6 +20,7 @@ data interval. Settings: `TRIGGERS_SCHEDULE` (cron, default every minute), `TRIG
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -33,14 +34,17 @@ DELIVERY_CONNECTIONS = int(os.environ.get("TRIGGERS_SMTP_CONNECTIONS", "2"))
 def _run_window() -> tuple[float, tuple[float, float] | None, str]:
     """(the run's "now", the data interval for a backfill run else None, the run id).
 
-    "Now" is the end of the run's data interval, so that rerunning a run reproduces it.
+    "Now" is the end of the run's data interval, so that rerunning a run reproduces it; for a
+    backfill run it is the real now: the interval's last events wait for ``unless`` windows
+    that close after its end, and no later backfill run would take them.
     """
     context = get_current_context()
     dag_run = context["dag_run"]
     end = context.get("data_interval_end") or dag_run.run_after
     start = context.get("data_interval_start") or end
     backfill = str(dag_run.run_type).lower().endswith("backfill")
-    return end.timestamp(), ((start.timestamp(), end.timestamp()) if backfill else None), dag_run.run_id
+    now = time.time() if backfill else end.timestamp()
+    return now, ((start.timestamp(), end.timestamp()) if backfill else None), dag_run.run_id
 
 
 @dag(
