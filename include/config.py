@@ -97,6 +97,11 @@ class Condition(_Strict):
             raise ValueError("op 'in' needs a list value, e.g. value: [a, b]")
         if self.op != "exists" and self.value is None:
             raise ValueError(f"op {self.op!r} needs a value")
+        if self.op in ("gt", "ge", "lt", "le"):
+            try:
+                float(self.value)
+            except (TypeError, ValueError):
+                raise ValueError(f"op {self.op!r} compares numbers; {self.value!r} is not a number") from None
         return self
 
 
@@ -225,6 +230,9 @@ def parse_config(text: str, source: str = "<config>") -> TriggersConfig:
             line = _line_of(document, location)
             where = f"line {line}, " if line else ""
             message = item["msg"].removeprefix("Value error, ")
+            given = item.get("input")
+            if isinstance(given, str | int | float) and repr(given) not in message:
+                message += f" (got {given!r})"
             problems.append(f"{source} {where}{_format_location(location)}: {message}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
 

@@ -1,0 +1,226 @@
+"""The audience: load ``recipients`` from CSV (SPEC section 5) and tell valid addresses apart.
+
+``python -m include.cli audience load PATH`` upserts the file in chunks, in one transaction
+(a file that cannot be read loads nothing). Rows are rejected, counted and reported by line
+when they have no ``recipient_id``, repeat one, give an ``opted_out`` that is not a boolean,
+or claim a ``shopper_id``/``mc_id`` that another recipient holds. A row with an invalid email
+is loaded (matching suppresses it as ``invalid_email``) and counted in the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import Connection, Engine, text
+
+from include.db import bulk_write, make_engine, metadata, recipients
+from include.errors import AudienceError
+
+# One @, a dot in the domain, no empty label, nothing that could split or forge a header.
+EMAIL_PATTERN = r"[^@\s,;:<>()\[\]\"\\\x00-\x1f\x7f]+@(?:[^@\s,;:<>()\[\]\"\\\x00-\x1f\x7f.]+\.)+[^@\s,;:<>()\[\]\"\\\x00-\x1f\x7f.]+"
+CSV_COLUMNS = ("recipient_id", "email", "first_name", "last_name", "locale", "shopper_id", "mc_id", "opted_out")
+REQUIRED_COLUMNS = ("recipient_id", "email")
+UNIQUE_IDENTITIES = ("shopper_id", "mc_id")
+TRUE_WORDS = frozenset({"true", "t", "yes", "y", "1"})
+FALSE_WORDS = frozenset({"false", "f", "no", "n", "0"})
+EXAMPLES_KEPT = 10
+
+
+def email_is_valid(emails: pd.Series) -> pd.Series:
+    """Whether each address is usable: a vectorised syntax check, False for missing ones."""
+    return emails.fillna("").astype(str).str.fullmatch(EMAIL_PATTERN).fillna(False).astype(bool)
+
+
+def parse_opted_out(values: pd.Series) -> pd.Series:
+    """true/false, 1/0, yes/no (any case) -> True/False; '' -> None; anything else -> NaN."""
+    words = values.fillna("").astype(str).str.strip().str.lower()
+    result = pd.Series(float("nan"), index=values.index, dtype=object)
+    result[words.isin(TRUE_WORDS)] = True
+    result[words.isin(FALSE_WORDS)] = False
+    result[words == ""] = None
+    return result
+
+
+def _member(conn: Connection, column: str, name: str) -> str:
+    if conn.dialect.name == "postgresql":
+        return f"{column} = ANY(:{name})"
+    return f"{column} IN (SELECT value FROM json_each(:{name}))"
+
+
+def _bind(conn: Connection, values: list[str]) -> Any:
+    return values if conn.dialect.name == "postgresql" else json.dumps(values)
+
+
+def _header(path: Path) -> list[str]:
+    try:
+        columns = pd.read_csv(path, nrows=0, encoding="utf-8-sig").columns
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise AudienceError(f"cannot read the audience file {path}: {error}") from None
+    names = [str(c).strip() for c in columns]
+    unknown = [n for n in names if n not in CSV_COLUMNS]
+    missing = [n for n in REQUIRED_COLUMNS if n not in names]
+    if unknown or missing:
+        problems = []
+        if unknown:
+            problems.append(f"unknown column(s) {', '.join(unknown)}")
+        if missing:
+            problems.append(f"missing column(s) {', '.join(missing)}")
+        raise AudienceError(
+            f"{path}: {' and '.join(problems)} in the header; the columns are {', '.join(CSV_COLUMNS)} "
+            f"({', '.join(REQUIRED_COLUMNS)} required)"
+        )
+    if len(set(names)) != len(names):
+        raise AudienceError(f"{path}: a column appears twice in the header: {', '.join(names)}")
+    return names
+
+
+class _Load:
+    """The state of one file's load: what was seen, kept and rejected so far."""
+
+    def __init__(self, conn: Connection, columns: list[str]) -> None:
+        self.conn = conn
+        self.columns = columns
+        self.seen_ids: set[str] = set()
+        self.reasons: Counter[str] = Counter()
+        self.examples: list[str] = []
+        self.counts = Counter()
+
+    def reject(self, chunk: pd.DataFrame, mask: pd.Series, reason: str, message: str) -> None:
+        mask = mask & chunk["_reason"].isna()
+        if not mask.any():
+            return
+        chunk.loc[mask, "_reason"] = reason
+        self.reasons[reason] += int(mask.sum())
+        for line, rid in zip(chunk.loc[mask, "_line"].tolist()[: EXAMPLES_KEPT], chunk.loc[mask, "recipient_id"].tolist(), strict=False):
+            if len(self.examples) < EXAMPLES_KEPT:
+                self.examples.append(f"line {line}: {message}" + (f" (recipient_id {rid!r})" if rid else ""))
+
+    def existing(self, chunk: pd.DataFrame) -> pd.DataFrame:
+        """Rows of ``recipients`` sharing a recipient_id, shopper_id or mc_id with the chunk."""
+        wanted = {"ids": [v for v in chunk["recipient_id"].unique().tolist() if v]}
+        conditions = [_member(self.conn, "recipient_id", "ids")]
+        for column in UNIQUE_IDENTITIES:
+            if column in chunk:
+                wanted[column] = [v for v in chunk[column].unique().tolist() if v]
+                conditions.append(_member(self.conn, column, column))
+        sql = f"SELECT recipient_id, shopper_id, mc_id, opted_out FROM recipients WHERE {' OR '.join(conditions)}"
+        rows = self.conn.execute(text(sql), {k: _bind(self.conn, v) for k, v in wanted.items()}).fetchall()
+        return pd.DataFrame.from_records(rows, columns=["recipient_id", "shopper_id", "mc_id", "opted_out"])
+
+    def chunk(self, chunk: pd.DataFrame, first_line: int) -> None:
+        chunk.columns = [str(c).strip() for c in chunk.columns]
+        chunk = chunk.apply(lambda column: column.str.strip())
+        chunk["_line"] = range(first_line, first_line + len(chunk))
+        chunk["_reason"] = pd.Series(None, index=chunk.index, dtype=object)
+        ids = chunk["recipient_id"]
+        self.reject(chunk, ids == "", "missing_recipient_id", "no recipient_id")
+        repeated = ids.duplicated() | ids.isin(self.seen_ids)
+        self.reject(chunk, repeated & (ids != ""), "duplicate_recipient_id", "recipient_id already given above")
+        opted_out = parse_opted_out(chunk["opted_out"]) if "opted_out" in chunk else pd.Series(None, index=chunk.index, dtype=object)
+        self.reject(
+            chunk, opted_out.isna() & chunk.get("opted_out", pd.Series("", index=chunk.index)).ne(""),
+            "bad_opted_out", "opted_out is not true/false, 1/0 or yes/no",
+        )
+        existing = self.existing(chunk[chunk["_reason"].isna()])
+        for column in UNIQUE_IDENTITIES:
+            if column not in chunk:
+                continue
+            values = chunk[column]
+            # earlier chunks are already written in this transaction: the database knows them too
+            in_db = existing[existing[column].notna()]
+            holder = values.map(pd.Series(in_db["recipient_id"].to_numpy(), index=in_db[column].to_numpy()))
+            taken = (values != "") & holder.notna() & (holder != ids)
+            self.reject(chunk, taken, f"{column}_taken", f"{column} already belongs to another recipient")
+            # two rows of this chunk claiming one value: the first keeps it
+            open_values = values.where(chunk["_reason"].isna() & (values != ""))
+            clash = open_values.notna() & open_values.duplicated()
+            self.reject(chunk, clash, f"{column}_taken", f"{column} already given to another recipient above")
+        accepted = chunk[chunk["_reason"].isna()]
+        self.counts["rejected"] += len(chunk) - len(accepted)
+        if accepted.empty:
+            return
+        known = set(existing["recipient_id"].tolist())
+        is_update = accepted["recipient_id"].isin(known)
+        previous = existing.drop_duplicates("recipient_id").set_index("recipient_id")["opted_out"]
+        # an empty or absent opted_out keeps what the recipient had: a reload never un-opts anyone out
+        flag = opted_out[accepted.index]
+        flag = flag.where(flag.notna(), accepted["recipient_id"].map(previous))
+        flag = flag.where(flag.notna(), False).astype(bool)
+        rows = accepted[[c for c in self.columns if c != "opted_out"]].replace("", None)
+        rows["opted_out"] = flag
+        rows["updated_at"] = time.time()
+        if "email" in rows:
+            self.counts["invalid_email"] += int((~email_is_valid(rows["email"])).sum())
+        rows = rows.astype(object).where(rows.notna(), None)
+        bulk_write(self.conn, recipients, list(rows.columns), list(rows.itertuples(index=False, name=None)), conflict="update")
+        self.counts["loaded"] += len(rows)
+        self.counts["updated"] += int(is_update.sum())
+        self.counts["inserted"] += int((~is_update).sum())
+        self.seen_ids.update(accepted["recipient_id"].tolist())
+
+
+def load_recipients(engine: Engine, path: str | Path, *, chunk_size: int = 100_000) -> dict[str, Any]:
+    """Upsert ``recipients`` from a CSV file with SPEC section 5's header names.
+
+    Returns {"loaded", "inserted", "updated", "rejected", "invalid_email", "reasons": {reason:
+    count}, "examples": ["line N: why", ...]}. Raises AudienceError when the file cannot be read
+    or its header is wrong; then nothing is loaded.
+    """
+    path = Path(path)
+    columns = _header(path)
+    metadata.create_all(engine, tables=[recipients])
+    try:
+        with engine.begin() as conn:
+            load = _Load(conn, columns)
+            reader = pd.read_csv(
+                path, dtype=str, keep_default_na=False, chunksize=chunk_size, encoding="utf-8-sig",
+            )
+            line = 2  # the header is line 1
+            for chunk in reader:
+                load.chunk(chunk, line)
+                line += len(chunk)
+    except (UnicodeDecodeError, pd.errors.ParserError) as error:
+        raise AudienceError(f"cannot read the audience file {path}: {error}; nothing was loaded") from None
+    return {
+        "loaded": load.counts["loaded"],
+        "inserted": load.counts["inserted"],
+        "updated": load.counts["updated"],
+        "rejected": load.counts["rejected"],
+        "invalid_email": load.counts["invalid_email"],
+        "reasons": dict(load.reasons),
+        "examples": load.examples,
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    load = actions.add_parser("load", help="upsert recipients from a CSV file", description=load_recipients.__doc__)
+    load.add_argument("path", type=Path, help="CSV with the header recipient_id,email,first_name,...")
+    load.add_argument("--chunk-size", type=int, default=100_000, help="rows per chunk (default 100000)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from include.config import Settings
+
+    engine = make_engine(Settings.from_env().db_url)
+    try:
+        report = load_recipients(engine, args.path, chunk_size=args.chunk_size)
+    finally:
+        engine.dispose()
+    print(
+        f"{args.path}: {report['loaded']} loaded ({report['inserted']} new, {report['updated']} updated), "
+        f"{report['rejected']} rejected"
+    )
+    for reason, number in sorted(report["reasons"].items()):
+        print(f"  rejected {number}: {reason}")
+    for example in report["examples"]:
+        print(f"    {example}")
+    if report["invalid_email"]:
+        print(f"  {report['invalid_email']} loaded with an invalid email: they will be suppressed as invalid_email")
+    return 0

@@ -1,0 +1,900 @@
+"""Matching: staged trigger events -> campaign decisions in ``deliveries`` (SPEC sections 4, 5, 7).
+
+Each rule is a vectorised pandas step over a batch of events read in time order:
+
+1. trigger -> campaign (``"*"`` in ``pipeline.topics`` stands for every trigger);
+2. ``where``: every condition must hold; a condition holds when ANY value of the dimension
+   satisfies it (``ne``: no value equals; ``exists``: a non-empty value); gt/ge/lt/le compare
+   numerically;
+3. identity: the LAST non-empty value of the campaign's eVar, or ``mcId``, joined with the
+   configured ``recipients`` column; the PERSON is the recipient found, so one person reached
+   through a shopper id and through an mcId is one person everywhere below;
+4. audience: ``missing_identity``, ``unknown_recipient``, ``opted_out``, ``no_email``,
+   ``invalid_email``;
+5. ``unless``: a decision is taken only once its window has closed (``time_gmt + within <=
+   now``); it is ``cancelled_by:<trigger>`` when the same person fired the cancelling trigger
+   at a time in ``[t, t + within]`` (both edges inclusive), among all staged events whatever
+   their status; with ``match_on`` the two events must share a value of that dimension;
+6. ``dedupe`` and ``limits.per_recipient``, earliest events first (time, then event id, then
+   the campaign's order in the file): a decision is suppressed as ``dedupe`` when the person
+   has another live decision of the campaign less than ``dedupe`` apart, as ``frequency_cap``
+   when ``max`` live decisions of any campaign lie less than ``per`` apart from it. Live means
+   pending, sending or sent, in this batch or already in ``deliveries``.
+
+The first reason in that order wins. Decisions are written with ``ON CONFLICT DO NOTHING`` under
+a stable ``delivery_id`` (campaign, recipient, event), in the same transaction that marks their
+events ``matched`` (a delivery row, pending or suppressed) or ``unmatched``.
+
+Determinism: events are decided in (time, event id) order and every earlier decision is read
+back from ``deliveries``, so one run over a set of closed events and any sequence of runs that
+sees them in time order (backfill intervals in order; scheduled runs when the matched triggers
+share one ``unless`` window) write the same rows. When campaigns hold their events for different
+windows, a later event of a shorter-held campaign can be decided first; the window checks then
+also count that later decision, so the dedupe and frequency guarantees still hold (the earlier
+event is the one suppressed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Connection, Engine, text
+
+from include.config import WILDCARD, Campaign, Condition, TriggersConfig, dimension_column
+from include.db import VALUE_SEPARATOR, bulk_write, deliveries
+
+LIVE_STATUSES = ("pending", "sending", "sent")
+STAGED_STATUSES = ("new", "matched", "unmatched")  # events that can cancel (not quarantined/ignored)
+DELIVERY_COLUMNS = (
+    "delivery_id", "campaign_id", "recipient_id", "email", "event_id", "event_time",
+    "decided_at", "status", "reason", "attempts",
+)
+MC_ID = "mc_id"  # the events column of the mcId field
+SQLITE_CACHE_KIB = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One campaign, compiled for the batch operations."""
+
+    index: int
+    campaign: Campaign
+    trigger_ids: frozenset[str] | None  # None: every trigger
+    source: str  # events column holding the identity: mc_id or dim_*
+    column: str  # recipients column it is joined with
+    hold: float  # seconds an event waits for its unless window
+    unless_ids: frozenset[str] | None
+    unless_label: str | None
+    match_on: str | None  # dim_* column that ties the cancelling event to this one
+    dedupe: float | None
+
+    @property
+    def id(self) -> str:
+        return self.campaign.id
+
+
+def _trigger_set(config: TriggersConfig, reference: str) -> frozenset[str] | None:
+    ids = config.trigger_ids_for(reference)
+    return None if WILDCARD in ids or reference == WILDCARD else frozenset(ids)
+
+
+def compile_rules(config: TriggersConfig) -> list[Rule]:
+    rules = []
+    for index, campaign in enumerate(config.campaigns):
+        identity = campaign.identity
+        unless = campaign.unless
+        rules.append(
+            Rule(
+                index=index,
+                campaign=campaign,
+                trigger_ids=_trigger_set(config, campaign.trigger),
+                source=dimension_column(identity.dimension) if identity.dimension else MC_ID,
+                column=identity.column,
+                hold=unless.within if unless else 0.0,
+                unless_ids=_trigger_set(config, unless.trigger) if unless else None,
+                unless_label=unless.trigger if unless else None,
+                match_on=dimension_column(unless.match_on) if unless and unless.match_on else None,
+                dedupe=campaign.dedupe,
+            )
+        )
+    return rules
+
+
+def identity_sources(rules: Sequence[Rule]) -> list[tuple[str, str]]:
+    """Every (events column, recipients column) pair a campaign joins on: how events name people."""
+    return sorted({(rule.source, rule.column) for rule in rules})
+
+
+def delivery_ids(campaign_ids: pd.Series, recipient_ids: pd.Series, event_ids: pd.Series) -> list[str]:
+    """The stable id of a decision: sha256 of campaign, recipient and event, 32 hex digits."""
+    sha256 = hashlib.sha256
+    return [
+        sha256(f"{c}\x1f{r}\x1f{e}".encode()).hexdigest()[:32]
+        for c, r, e in zip(campaign_ids.tolist(), _none_to_empty(recipient_ids), event_ids.tolist(), strict=True)
+    ]
+
+
+def _none_to_empty(values: pd.Series) -> list[str]:
+    return ["" if v is None or v != v else v for v in values.tolist()]  # v != v: NaN
+
+
+def _objects(values: Any, index: pd.Index | None = None) -> pd.Series:
+    """Strings as an object Series: no per-element check that pandas' str dtype would run."""
+    return pd.Series(np.asarray(values, dtype=object), index=index, dtype=object, copy=False)
+
+
+def _text(values: pd.Series) -> pd.Series:
+    """A text column with missing values as ''."""
+    return _objects(values.fillna("").to_numpy(dtype=object), values.index)
+
+
+# --- dimension values -----------------------------------------------------------------------
+
+
+def last_value(values: pd.Series) -> pd.Series:
+    """The identity in a dimension column: its last non-empty value, stripped; '' when none."""
+    values = _text(values)
+    multi = values.str.contains(VALUE_SEPARATOR, regex=False).to_numpy(dtype=bool)
+    stripped = np.array(values.str.strip(), dtype=object)
+    if multi.any():  # rare: a loop over those rows only
+        stripped[multi] = [
+            next((part.strip() for part in reversed(value.split(VALUE_SEPARATOR)) if part.strip()), "")
+            for value in values[multi].tolist()
+        ]
+    return _objects(stripped, values.index)
+
+
+def _exploded(values: pd.Series) -> pd.Series:
+    """One row per value, indexed like the rows they come from."""
+    return _text(values).str.split(VALUE_SEPARATOR).explode()
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _value_test(values: pd.Series, condition: Condition) -> np.ndarray:
+    """Per single value: does it satisfy the condition (for ``ne``: does it equal the value)."""
+    op, target = condition.op, condition.value
+    if op == "exists":
+        result = values.str.strip() != ""
+    elif op in ("eq", "ne"):
+        result = values == _as_text(target)
+    elif op == "in":
+        result = values.isin([_as_text(v) for v in target])
+    elif op == "startswith":
+        result = values.str.startswith(_as_text(target))
+    elif op == "contains":
+        result = values.str.contains(_as_text(target), regex=False)
+    else:
+        numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+        bound = float(target)
+        with np.errstate(invalid="ignore"):
+            return {"gt": numbers > bound, "ge": numbers >= bound, "lt": numbers < bound, "le": numbers <= bound}[op]
+    return np.array(result.fillna(False), dtype=bool)
+
+
+def condition_holds(values: pd.Series, condition: Condition) -> pd.Series:
+    """Whether a ``where`` condition holds for each row of a dimension column (any value)."""
+    values = _text(values)
+    multi = values.str.contains(VALUE_SEPARATOR, regex=False).to_numpy(dtype=bool)
+    any_value = _value_test(values, condition)
+    if multi.any():
+        exploded = _exploded(values[multi])
+        hits = pd.Series(_value_test(exploded, condition), index=exploded.index).groupby(level=0).any()
+        any_value[multi] = hits.reindex(values.index[multi], fill_value=False).to_numpy(dtype=bool)
+    return pd.Series(~any_value if condition.op == "ne" else any_value, index=values.index)
+
+
+def where_holds(events: pd.DataFrame, conditions: Iterable[Condition]) -> pd.Series:
+    """Whether every condition holds, per event; a missing dimension has no value."""
+    mask = np.ones(len(events), dtype=bool)
+    for condition in conditions:
+        column = dimension_column(condition.dimension)
+        values = events[column] if column in events else _objects([""] * len(events), events.index)
+        mask &= condition_holds(values, condition).to_numpy(dtype=bool)
+    return pd.Series(mask, index=events.index)
+
+
+# --- the pure steps over frames -------------------------------------------------------------
+
+
+def in_decision_order(events: pd.DataFrame) -> pd.DataFrame:
+    """``events`` sorted by (time_gmt, event_id), as the database reads them; cheap when they are."""
+    times = events["time_gmt"].to_numpy(dtype=float)
+    steps = np.diff(times)
+    if (steps >= 0).all():
+        ties = np.flatnonzero(steps == 0)
+        ids = events["event_id"].to_numpy(dtype=object)
+        if all(ids[i] < ids[i + 1] for i in ties.tolist()):
+            return events
+    return events.sort_values(["time_gmt", "event_id"], kind="stable")
+
+
+CANDIDATE_COLUMNS = ("order", "rule", "campaign_id", "event_id", "time_gmt", "identity", "match_values")
+
+
+def expand_candidates(events: pd.DataFrame, rules: Sequence[Rule]) -> pd.DataFrame:
+    """One row per (event, campaign) whose trigger and ``where`` match, with the identity value.
+
+    ``events`` has event_id, trigger_id, time_gmt, mc_id and the dim_* columns. The rows come in
+    decision order: event time, event id, then the campaign's place in the configuration.
+    """
+    events = in_decision_order(events).reset_index(drop=True)
+    parts = []
+    for rule in rules:
+        subset = events if rule.trigger_ids is None else events[events["trigger_id"].isin(rule.trigger_ids).to_numpy(dtype=bool)]
+        if rule.campaign.where and len(subset):
+            subset = subset[where_holds(subset, rule.campaign.where).to_numpy()]
+        if not len(subset):
+            continue
+        index = pd.RangeIndex(len(subset))
+        source = subset[rule.source] if rule.source in subset else _objects([""] * len(subset))
+        match_values = subset[rule.match_on] if rule.match_on and rule.match_on in subset else None
+        part = pd.DataFrame(
+            {
+                "order": subset.index.to_numpy(),
+                "rule": rule.index,
+                "campaign_id": _objects([rule.id] * len(subset), index),
+                "event_id": _objects(subset["event_id"].to_numpy(dtype=object), index),
+                "time_gmt": subset["time_gmt"].to_numpy(dtype=float),
+                "identity": _objects(last_value(source).to_numpy(dtype=object), index),
+                "match_values": (
+                    _objects(_text(match_values).to_numpy(dtype=object), index)
+                    if match_values is not None else _objects([""] * len(subset), index)
+                ),
+            },
+            index=index,
+        )
+        parts.append(part)
+    if not parts:
+        empty = {c: _objects([]) for c in CANDIDATE_COLUMNS}
+        empty.update(order=pd.Series(dtype=np.int64), rule=pd.Series(dtype=np.int64), time_gmt=pd.Series(dtype=float))
+        return pd.DataFrame(empty)
+    candidates = pd.concat(parts, ignore_index=True)
+    sequence = np.lexsort((candidates["rule"].to_numpy(), candidates["order"].to_numpy()))
+    return candidates.take(sequence).reset_index(drop=True)
+
+
+class Audience:
+    """Recipients found for a batch, looked up by any identity column and by recipient_id."""
+
+    def __init__(self, recipients: pd.DataFrame) -> None:
+        self.frame = recipients.drop_duplicates("recipient_id").reset_index(drop=True)
+        self._lookups: dict[str, pd.Series] = {}
+
+    def recipient_for(self, column: str, values: pd.Series) -> pd.Series:
+        """The recipient_id whose ``column`` equals each value (NaN where none)."""
+        if column not in self._lookups:
+            frame = self.frame[self.frame[column].notna()] if column in self.frame else self.frame.iloc[:0]
+            keys = frame[column].to_numpy(dtype=object) if column in frame else np.array([], dtype=object)
+            lookup = pd.Series(frame["recipient_id"].to_numpy(dtype=object), index=pd.Index(keys, dtype=object), dtype=object)
+            self._lookups[column] = lookup[~lookup.index.duplicated()]
+        return values.map(self._lookups[column])
+
+    def rows(self, recipient_ids: np.ndarray) -> pd.DataFrame:
+        """The recipients' rows in the order of ``recipient_ids`` (None where unknown)."""
+        if "recipient_id" not in self._lookups:
+            ids = pd.Index(self.frame["recipient_id"].to_numpy(dtype=object), dtype=object)
+            self._lookups["recipient_id"] = pd.Series(np.arange(len(self.frame), dtype=np.int64), index=ids)
+        positions = self._lookups["recipient_id"].reindex(recipient_ids).to_numpy()
+        found = ~np.isnan(positions)
+        take = np.where(found, positions, 0).astype(np.int64)
+        columns = {}
+        for name in self.frame.columns:
+            values = self.frame[name].to_numpy(dtype=object)[take] if len(self.frame) else np.full(len(take), None, dtype=object)
+            values[~found] = None
+            columns[name] = _objects(values)
+        return pd.DataFrame(columns, index=pd.RangeIndex(len(take)))
+
+
+def attach_recipients(candidates: pd.DataFrame, recipients: pd.DataFrame | Audience, rules: Sequence[Rule]) -> pd.DataFrame:
+    """Add recipient_id, email, opted_out and ``person_<column>`` (the recipient's identities)."""
+    audience = recipients if isinstance(recipients, Audience) else Audience(recipients)
+    result = candidates.copy()
+    recipient_ids = np.full(len(result), None, dtype=object)
+    column_of_rule = {rule.index: rule.column for rule in rules}
+    wanted = result["rule"].map(column_of_rule).to_numpy(dtype=object)
+    identity = _text(result["identity"])
+    for column in sorted(set(column_of_rule.values())):
+        rows = (wanted == column) & (identity != "").to_numpy(dtype=bool)
+        if rows.any():
+            recipient_ids[rows] = audience.recipient_for(column, identity[rows]).to_numpy(dtype=object)
+    recipient_ids[pd.isna(recipient_ids)] = None
+    found = audience.rows(recipient_ids)
+    result["recipient_id"] = _objects(recipient_ids, result.index)
+    result["email"] = _objects(found["email"].to_numpy(dtype=object), result.index)
+    result["opted_out"] = found["opted_out"].fillna(False).to_numpy(dtype=bool)
+    for column in person_columns(rules):
+        values = found[column].to_numpy(dtype=object) if column in found else np.full(len(result), None, dtype=object)
+        result[f"person_{column}"] = _objects(values, result.index)
+    return result
+
+
+def person_columns(rules: Sequence[Rule]) -> list[str]:
+    return sorted({rule.column for rule in rules})
+
+
+def audience_reasons(candidates: pd.DataFrame) -> pd.Series:
+    """Why the audience rules out each candidate (None: it does not)."""
+    from include.audience import email_is_valid
+
+    email = _text(candidates["email"])
+    reasons = np.full(len(candidates), None, dtype=object)
+    reasons[~email_is_valid(email).to_numpy(dtype=bool)] = "invalid_email"
+    reasons[(email.str.strip() == "").to_numpy(dtype=bool)] = "no_email"
+    reasons[candidates["opted_out"].fillna(False).to_numpy(dtype=bool)] = "opted_out"
+    reasons[pd.isna(candidates["recipient_id"]).to_numpy()] = "unknown_recipient"
+    reasons[(_text(candidates["identity"]) == "").to_numpy(dtype=bool)] = "missing_identity"
+    return _objects(reasons, candidates.index)
+
+
+def cancellations(
+    candidates: pd.DataFrame, cancelling: pd.DataFrame, rules: Sequence[Rule]
+) -> pd.Series:
+    """``cancelled_by:<trigger>`` for each candidate whose person fired its ``unless`` trigger.
+
+    ``candidates``: rule, event_id, time_gmt, match_values, person_<column>...;
+    ``cancelling``: staged events (event_id, trigger_id, time_gmt, identity sources, match_on).
+    The cancelling event is the same person when one of its identities (under any campaign's
+    identity mapping) equals the candidate's recipient's value of that column; it counts when
+    its time lies in [t, t + within], both ends included, and it is not the candidate's event.
+    """
+    reasons = _objects(np.full(len(candidates), None, dtype=object), candidates.index)
+    by_index = {rule.index: rule for rule in rules}
+    with_unless = [rule.index for rule in rules if rule.unless_label is not None]
+    active = candidates[candidates["rule"].isin(with_unless).to_numpy(dtype=bool)]
+    if active.empty or cancelling.empty:
+        return reasons
+    cancelling = cancelling.reset_index(drop=True)
+    keys = []
+    for column in person_columns(rules):
+        name = f"person_{column}"
+        if name not in active:
+            continue
+        values = _text(active[name])
+        present = (values != "").to_numpy(dtype=bool)
+        keys.append(pd.DataFrame({"candidate": active.index[present], "column": column, "value": _objects(values[present].to_numpy(dtype=object))}))
+    marks = []
+    for source, column in identity_sources(rules):
+        if source not in cancelling:
+            continue
+        values = last_value(cancelling[source])
+        present = (values != "").to_numpy(dtype=bool)
+        marks.append(pd.DataFrame({"cancel": cancelling.index[present], "column": column, "value": _objects(values[present].to_numpy(dtype=object))}))
+    if not keys or not marks:
+        return reasons
+    pairs = pd.concat(keys).merge(pd.concat(marks), on=["column", "value"])[["candidate", "cancel"]].drop_duplicates()
+    if pairs.empty:
+        return reasons
+    cand = active.loc[pairs["candidate"].to_numpy()]
+    canc = cancelling.loc[pairs["cancel"].to_numpy()]
+    pairs = pairs.reset_index(drop=True).assign(
+        rule=cand["rule"].to_numpy(),
+        t=cand["time_gmt"].to_numpy(dtype=float),
+        event=cand["event_id"].to_numpy(dtype=object),
+        cancel_trigger=canc["trigger_id"].to_numpy(dtype=object),
+        cancel_t=canc["time_gmt"].to_numpy(dtype=float),
+        cancel_event=canc["event_id"].to_numpy(dtype=object),
+    )
+    within = pairs["rule"].map({i: by_index[i].hold for i in with_unless}).to_numpy(dtype=float)
+    pairs = pairs[
+        (pairs["cancel_t"].to_numpy() >= pairs["t"].to_numpy())
+        & (pairs["cancel_t"].to_numpy() <= pairs["t"].to_numpy() + within)
+        & (pairs["cancel_event"].to_numpy() != pairs["event"].to_numpy())
+    ]
+    for index in with_unless:
+        rule = by_index[index]
+        mine = pairs[(pairs["rule"] == index).to_numpy()]
+        if rule.unless_ids is not None:
+            mine = mine[mine["cancel_trigger"].isin(rule.unless_ids).to_numpy(dtype=bool)]
+        if rule.match_on and len(mine):
+            mine = mine.reset_index(drop=True)
+            own = _exploded(_objects(candidates.loc[mine["candidate"].to_numpy(), "match_values"].to_numpy(dtype=object), mine.index))
+            other_source = cancelling[rule.match_on] if rule.match_on in cancelling else _objects([""] * len(cancelling))
+            other = _exploded(_objects(other_source.loc[mine["cancel"].to_numpy()].to_numpy(dtype=object), mine.index))
+            own, other = own[own != ""], other[other != ""]
+            shared = pd.DataFrame({"pair": own.index, "v": own.to_numpy(dtype=object)}).merge(
+                pd.DataFrame({"pair": other.index, "v": other.to_numpy(dtype=object)}), on=["pair", "v"]
+            )
+            mine = mine.loc[shared["pair"].unique()]
+        hit = np.unique(mine["candidate"].to_numpy())
+        fresh = hit[reasons.loc[hit].isna().to_numpy()]
+        reasons.loc[fresh] = f"cancelled_by:{rule.unless_label}"
+    return reasons
+
+
+def limit_reasons(
+    candidates: pd.DataFrame,
+    history: pd.DataFrame,
+    rules: Sequence[Rule],
+    per_recipient: tuple[int, float] | None,
+) -> pd.Series:
+    """``dedupe`` / ``frequency_cap`` for candidates still eligible, earliest first.
+
+    ``candidates`` (recipient_id, campaign_id, time_gmt) must be in decision order; ``history``
+    holds the live decisions already made (recipient_id, campaign_id, event_time). A person
+    with one candidate in the batch is checked against the history in one vectorised pass; a
+    person with several is scanned in order, since whether a later event is kept depends on
+    which earlier ones were.
+    """
+    reasons = np.full(len(candidates), None, dtype=object)
+    dedupe_of = {rule.id: rule.dedupe or 0.0 for rule in rules}
+    if candidates.empty or (per_recipient is None and not any(dedupe_of.values())):
+        return _objects(reasons, candidates.index)
+    cap_max, cap_per = per_recipient if per_recipient else (0, 0.0)
+    count = len(candidates)
+    codes, _ = pd.factorize(
+        np.concatenate([candidates["recipient_id"].to_numpy(dtype=object), history["recipient_id"].to_numpy(dtype=object)])
+    )
+    person, past_person = codes[:count], codes[count:]
+    campaign = candidates["campaign_id"].to_numpy(dtype=object)
+    when = candidates["time_gmt"].to_numpy(dtype=float)
+    dedupe = candidates["campaign_id"].map(dedupe_of).to_numpy(dtype=float)
+    several = np.bincount(person, minlength=codes.max() + 1)[person] > 1
+
+    # one candidate: compare with that person's history, all at once
+    past = pd.DataFrame(
+        {"person": past_person, "past_campaign": history["campaign_id"].to_numpy(dtype=object),
+         "past_time": history["event_time"].to_numpy(dtype=float)}
+    )
+    single = np.flatnonzero(~several)
+    if len(past) and len(single):
+        pairs = pd.DataFrame({"row": single, "person": person[single]}).merge(past, on="person")
+        rows = pairs["row"].to_numpy()
+        apart = np.abs(when[rows] - pairs["past_time"].to_numpy())
+        same = pairs["past_campaign"].to_numpy(dtype=object) == campaign[rows]
+        deduped = np.unique(rows[same & (apart < dedupe[rows])])
+        reasons[deduped] = "dedupe"
+        if per_recipient:
+            near = np.bincount(rows[apart < cap_per], minlength=count)
+            capped = np.flatnonzero(near >= cap_max)
+            reasons[capped[pd.isna(reasons[capped])]] = "frequency_cap"
+
+    # several candidates: a scan in decision order, with the history as the first kept
+    scan = np.flatnonzero(several)
+    if len(scan):
+        kept: dict[int, list[tuple[str, float]]] = {}
+        relevant = np.isin(past_person, person[scan])
+        for who, what, at in zip(
+            past_person[relevant].tolist(), past["past_campaign"].to_numpy()[relevant].tolist(),
+            past["past_time"].to_numpy()[relevant].tolist(), strict=True,
+        ):
+            kept.setdefault(who, []).append((what, at))
+        for row in scan.tolist():
+            mine = kept.setdefault(int(person[row]), [])
+            at, what, window = when[row], campaign[row], dedupe[row]
+            if window and any(c == what and abs(t - at) < window for c, t in mine):
+                reasons[row] = "dedupe"
+            elif per_recipient and sum(abs(t - at) < cap_per for _, t in mine) >= cap_max:
+                reasons[row] = "frequency_cap"
+            else:
+                mine.append((what, at))
+    return _objects(reasons, candidates.index)
+
+
+def screen(
+    events: pd.DataFrame, recipients: pd.DataFrame | Audience, cancelling: pd.DataFrame, rules: Sequence[Rule]
+) -> pd.DataFrame:
+    """The candidates of a batch with their recipient and the audience and ``unless`` reasons."""
+    candidates = attach_recipients(expand_candidates(events, rules), recipients, rules)
+    reasons = audience_reasons(candidates)
+    open_rows = reasons.isna().to_numpy()
+    reasons[open_rows] = cancellations(candidates[open_rows], cancelling, rules).to_numpy()
+    candidates["reason"] = reasons
+    return candidates
+
+
+def finish(candidates: pd.DataFrame, history: pd.DataFrame, config: TriggersConfig, rules: Sequence[Rule]) -> pd.DataFrame:
+    """Apply dedupe and the frequency cap to screened candidates; return the decisions.
+
+    Columns: delivery_id, campaign_id, recipient_id, email, event_id, event_time, status, reason,
+    in decision order.
+    """
+    reasons = candidates["reason"].copy()
+    open_rows = reasons.isna().to_numpy()
+    cap = config.limits.per_recipient
+    reasons[open_rows] = limit_reasons(
+        candidates[open_rows], history, rules, (cap.max, cap.per) if cap else None
+    ).to_numpy()
+    return pd.DataFrame(
+        {
+            "delivery_id": _objects(delivery_ids(candidates["campaign_id"], candidates["recipient_id"], candidates["event_id"])),
+            "campaign_id": candidates["campaign_id"],
+            "recipient_id": candidates["recipient_id"],
+            "email": candidates["email"],
+            "event_id": candidates["event_id"],
+            "event_time": candidates["time_gmt"],
+            "status": _objects(np.where(reasons.isna().to_numpy(), "pending", "suppressed")),
+            "reason": reasons,
+        }
+    )
+
+
+def decide(
+    events: pd.DataFrame,
+    recipients: pd.DataFrame | Audience,
+    cancelling: pd.DataFrame,
+    history: pd.DataFrame,
+    config: TriggersConfig,
+    rules: Sequence[Rule] | None = None,
+) -> pd.DataFrame:
+    """The decisions for a batch of ready events: one row per (event, campaign) that applies.
+
+    ``recipients``: the audience rows (recipient_id, email, opted_out, identity columns);
+    ``cancelling``: staged events that may cancel (see :func:`cancellations`); ``history``: live
+    decisions already made, not of these events (recipient_id, campaign_id, event_time).
+    """
+    rules = compile_rules(config) if rules is None else rules
+    return finish(screen(events, recipients, cancelling, rules), history, config, rules)
+
+
+# --- the database edges -----------------------------------------------------------------------
+
+
+def _member(conn: Connection, column: str, name: str) -> str:
+    """SQL for ``column`` in the list bound as ``name`` (one parameter, any length)."""
+    if conn.dialect.name == "postgresql":
+        return f"{column} = ANY(:{name})"
+    return f"{column} IN (SELECT value FROM json_each(:{name}))"
+
+
+def _values(conn: Connection, values: Iterable[Any]) -> Any:
+    values = list(values)
+    return values if conn.dialect.name == "postgresql" else json.dumps(values)
+
+
+def _frame(
+    conn: Connection, sql: str, params: dict[str, Any], columns: Sequence[str], floats: Sequence[str] = ()
+) -> pd.DataFrame:
+    """Run ``sql`` (``:name`` parameters) on the DBAPI cursor: plain tuples, built column-wise.
+
+    SQLAlchemy's row objects, and pandas' check of every value of a str column, cost more than
+    the query itself at a million rows: text comes back as object columns.
+    """
+    if conn.dialect.name == "postgresql":
+        sql = re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql)
+    cursor = conn.connection.dbapi_connection.cursor()
+    try:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    finally:
+        cursor.close()
+    values = list(zip(*rows, strict=True)) if rows else [()] * len(columns)
+    return pd.DataFrame(
+        {
+            name: np.array(column, dtype=float) if name in floats else _objects(column)
+            for name, column in zip(columns, values, strict=True)
+        },
+        index=pd.RangeIndex(len(rows)),
+    )
+
+
+def _quoted(column: str) -> str:
+    return f'"{column}"'
+
+
+def _event_columns(config: TriggersConfig) -> list[str]:
+    return ["event_id", "trigger_id", "time_gmt", MC_ID, *(dimension_column(d) for d in config.dimensions)]
+
+
+def _holds(rules: Sequence[Rule]) -> tuple[dict[str, float], float]:
+    """How long each trigger's events wait: the longest ``unless`` of the campaigns it feeds."""
+    default = max([rule.hold for rule in rules if rule.trigger_ids is None], default=0.0)
+    per_trigger: dict[str, float] = {}
+    for rule in rules:
+        for trigger_id in rule.trigger_ids or ():
+            per_trigger[trigger_id] = max(per_trigger.get(trigger_id, default), rule.hold)
+    return per_trigger, default
+
+
+def read_ready_events(
+    conn: Connection,
+    config: TriggersConfig,
+    rules: Sequence[Rule],
+    *,
+    now: float,
+    interval: tuple[float, float] | None,
+    limit: int,
+) -> pd.DataFrame:
+    """The next ``limit`` new events whose windows have closed, in (time, event id) order."""
+    per_trigger, default = _holds(rules)
+    params: dict[str, Any] = {"now": now, "limit": limit, "default_hold": default}
+    cases = []
+    for number, (trigger_id, hold) in enumerate(sorted(per_trigger.items())):
+        if hold != default:
+            cases.append(f"WHEN :t{number} THEN :h{number}")
+            params[f"t{number}"], params[f"h{number}"] = trigger_id, hold
+    hold_sql = f"(CASE trigger_id {' '.join(cases)} ELSE :default_hold END)" if cases else ":default_hold"
+    params["bound"] = now - min([default, *per_trigger.values()])
+    conditions = ["status = 'new'", "time_gmt <= :bound", f"time_gmt + {hold_sql} <= :now"]
+    if interval is not None:
+        conditions += ["time_gmt >= :start", "time_gmt < :end"]
+        params["start"], params["end"] = interval
+    columns = _event_columns(config)
+    # byte order for ties on both databases, as Python compares; SQLite's rowid lets the status
+    # update walk the table in its order rather than in event-id order
+    postgres = conn.dialect.name == "postgresql"
+    row_key = [] if postgres else ["rowid"]
+    tie_order = 'event_id COLLATE "C"' if postgres else "event_id"
+    sql = (
+        f"SELECT {', '.join([*map(_quoted, columns), *row_key])} FROM pipeline_events "
+        f"WHERE {' AND '.join(conditions)} "
+        f"ORDER BY time_gmt, {tie_order} LIMIT :limit"
+    )
+    return _frame(conn, sql, params, [*columns, *(["row_key"] if row_key else [])], floats=("time_gmt",))
+
+
+def _recipient_columns(rules: Sequence[Rule]) -> list[str]:
+    return ["recipient_id", "email", "opted_out", *[c for c in person_columns(rules) if c not in ("recipient_id", "email")]]
+
+
+def read_recipients(conn: Connection, lookups: dict[str, Iterable[str]], rules: Sequence[Rule]) -> pd.DataFrame:
+    """The recipients whose ``column`` is one of the values, for each column of ``lookups``."""
+    columns = _recipient_columns(rules)
+    parts = []
+    for column, values in lookups.items():
+        values = sorted({v for v in values if v})
+        if values:
+            sql = f"SELECT {', '.join(map(_quoted, columns))} FROM recipients WHERE {_member(conn, _quoted(column), 'values')}"
+            parts.append(_frame(conn, sql, {"values": _values(conn, values)}, columns))
+    found = pd.concat(parts, ignore_index=True) if parts else _frame_of(columns)
+    return found.drop_duplicates("recipient_id").reset_index(drop=True)
+
+
+def read_all_recipients(conn: Connection, rules: Sequence[Rule]) -> pd.DataFrame:
+    columns = _recipient_columns(rules)
+    return _frame(conn, f"SELECT {', '.join(map(_quoted, columns))} FROM recipients", {}, columns)
+
+
+def _frame_of(columns: Sequence[str]) -> pd.DataFrame:
+    return pd.DataFrame({c: _objects([]) for c in columns})
+
+
+class AudienceReader:
+    """Finds a run's recipients: by lookups for small batches, by one full read for a backlog.
+
+    Looking up a value costs a few times reading a row, so once a batch asks for more than
+    1/``FULL_READ_FACTOR`` of the audience, the needed columns of every recipient are read once
+    and kept for the rest of the run (at most ``FULL_READ_LIMIT`` recipients).
+    """
+
+    FULL_READ_FACTOR = 8
+    FULL_READ_LIMIT = 5_000_000
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self.rules = rules
+        self.size: int | None = None
+        self.everyone: Audience | None = None
+
+    def for_batch(self, conn: Connection, lookups: dict[str, set[str]]) -> Audience:
+        if self.everyone is not None:
+            return self.everyone
+        wanted = sum(len(values) for values in lookups.values())
+        if self.size is None:
+            self.size = int(conn.execute(text("SELECT count(*) FROM recipients")).scalar_one())
+        if wanted * self.FULL_READ_FACTOR >= self.size and self.size <= self.FULL_READ_LIMIT:
+            self.everyone = Audience(read_all_recipients(conn, self.rules))
+            return self.everyone
+        return Audience(read_recipients(conn, lookups, self.rules))
+
+
+def read_cancelling(
+    conn: Connection, config: TriggersConfig, rules: Sequence[Rule], start: float, end: float
+) -> pd.DataFrame:
+    """Staged events of any ``unless`` trigger with ``start <= time_gmt <= end``, any status."""
+    with_unless = [rule for rule in rules if rule.unless_label is not None]
+    available = {MC_ID, *(dimension_column(d) for d in config.dimensions)}
+    wanted = {source for source, _ in identity_sources(rules)} | {r.match_on for r in with_unless if r.match_on}
+    columns = ["event_id", "trigger_id", "time_gmt", *sorted(wanted & available)]
+    if not with_unless:
+        return _frame_of(columns)
+    params: dict[str, Any] = {"start": start, "end": end}
+    statuses = ", ".join(f"'{s}'" for s in STAGED_STATUSES)
+    conditions = [f"status IN ({statuses})", "time_gmt >= :start", "time_gmt <= :end"]
+    if all(rule.unless_ids is not None for rule in with_unless):
+        ids = sorted(set().union(*(rule.unless_ids or () for rule in with_unless)))
+        if not ids:
+            return _frame_of(columns)
+        conditions.append(_member(conn, "trigger_id", "triggers"))
+        params["triggers"] = _values(conn, ids)
+    sql = f"SELECT {', '.join(map(_quoted, columns))} FROM pipeline_events WHERE {' AND '.join(conditions)}"
+    return _frame(conn, sql, params, columns, floats=("time_gmt",))
+
+
+def read_history(
+    conn: Connection, recipient_ids: Iterable[str], start: float, end: float, exclude_events: Iterable[str] = ()
+) -> pd.DataFrame:
+    """Live decisions already in ``deliveries`` for these recipients with start <= event_time <= end."""
+    columns = ["recipient_id", "campaign_id", "event_time", "event_id"]
+    ids = sorted(set(recipient_ids))
+    if not ids:
+        return _frame_of(columns).astype({"event_time": float})
+    statuses = ", ".join(f"'{s}'" for s in LIVE_STATUSES)
+    sql = (
+        f"SELECT {', '.join(columns)} FROM deliveries WHERE {_member(conn, 'recipient_id', 'ids')} "
+        f"AND event_time >= :start AND event_time <= :end AND status IN ({statuses})"
+    )
+    history = _frame(conn, sql, {"ids": _values(conn, ids), "start": start, "end": end}, columns, floats=("event_time",))
+    excluded = set(exclude_events)
+    if excluded and len(history):
+        history = history[~history["event_id"].isin(excluded).to_numpy(dtype=bool)]
+    return history
+
+
+def _limit_window(config: TriggersConfig, rules: Sequence[Rule]) -> float:
+    cap = config.limits.per_recipient
+    return max([rule.dedupe or 0.0 for rule in rules] + [cap.per if cap else 0.0])
+
+
+def _mark_events(conn: Connection, events: pd.DataFrame, status: str, at: float) -> None:
+    if events.empty:
+        return
+    if "row_key" in events:
+        where, keys = "rowid IN (SELECT value FROM json_each(:ids))", json.dumps(events["row_key"].astype(int).tolist())
+    else:
+        where, keys = _member(conn, "event_id", "ids"), _values(conn, events["event_id"].tolist())
+    conn.execute(
+        text(f"UPDATE pipeline_events SET status = :status, processed_at = :at WHERE {where}"),
+        {"status": status, "at": at, "ids": keys},
+    )
+
+
+def _delivery_rows(decisions: pd.DataFrame, decided_at: float) -> list[tuple[Any, ...]]:
+    columns = []
+    for name in DELIVERY_COLUMNS:
+        if name == "decided_at":
+            columns.append([decided_at] * len(decisions))
+        elif name == "attempts":
+            columns.append([0] * len(decisions))
+        elif name == "event_time":
+            columns.append(decisions[name].to_numpy(dtype=float).tolist())
+        else:
+            values = decisions[name].to_numpy(dtype=object)
+            columns.append(np.where(pd.isna(values), None, values).tolist())
+    return list(zip(*columns, strict=True))
+
+
+def match_batch(
+    conn: Connection,
+    config: TriggersConfig,
+    events: pd.DataFrame,
+    rules: Sequence[Rule],
+    reader: AudienceReader | None = None,
+) -> pd.DataFrame:
+    """Decide a batch of events and write the decisions and event statuses in ``conn``'s transaction."""
+    reader = reader or AudienceReader(rules)
+    candidates = expand_candidates(events, rules)
+    lookups: dict[str, set[str]] = {}
+    column_of_rule = {rule.index: rule.column for rule in rules}
+    for index, identities in candidates.groupby("rule")["identity"]:
+        lookups.setdefault(column_of_rule[int(index)], set()).update(v for v in identities.tolist() if v)
+    audience = reader.for_batch(conn, lookups)
+    times = events["time_gmt"].to_numpy(dtype=float)
+    start, end = float(times.min()), float(times.max())
+    max_hold = max([rule.hold for rule in rules], default=0.0)
+    cancelling = read_cancelling(conn, config, rules, start, end + max_hold)
+    screened = screen(events, audience, cancelling, rules)
+    window = _limit_window(config, rules)
+    open_people = screened.loc[screened["reason"].isna().to_numpy(), "recipient_id"].unique().tolist()
+    history = (
+        read_history(conn, open_people, start - window, end + window, events["event_id"].tolist())
+        if window else _frame_of(["recipient_id", "campaign_id", "event_time", "event_id"])
+    )
+    decisions = finish(screened, history, config, rules)
+    decided_at = time.time()
+    bulk_write(conn, deliveries, DELIVERY_COLUMNS, _delivery_rows(decisions, decided_at), conflict="nothing")
+    matched = events["event_id"].isin(decisions["event_id"]).to_numpy(dtype=bool)
+    _mark_events(conn, events[matched], "matched", decided_at)
+    _mark_events(conn, events[~matched], "unmatched", decided_at)
+    return decisions
+
+
+def match_ready_events(
+    engine: Engine,
+    config: TriggersConfig,
+    *,
+    now: float,
+    interval: tuple[float, float] | None = None,
+    batch_size: int = 200_000,
+) -> dict[str, int]:
+    """Decide every staged event that is ready, in time order and bounded batches.
+
+    Ready: status ``new`` and every ``unless`` window of its campaigns closed at ``now``
+    (``time_gmt + within <= now``); with ``interval=(start, end)`` (a backfill) also
+    ``start <= time_gmt < end``. Each batch commits its decisions with its events' statuses.
+    Returns counts: ready, matched, unmatched, pending, suppressed_<reason>...
+    """
+    rules = compile_rules(config)
+    reader = AudienceReader(rules)
+    counts: dict[str, int] = {"ready": 0, "matched": 0, "unmatched": 0, "pending": 0}
+    while True:
+        with engine.begin() as conn:
+            if conn.dialect.name == "sqlite":  # index updates of a large batch thrash the 2 MB default
+                conn.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
+            events = read_ready_events(conn, config, rules, now=now, interval=interval, limit=batch_size)
+            if events.empty:
+                break
+            decisions = match_batch(conn, config, events, rules, reader)
+        matched = decisions["event_id"].nunique()
+        counts["ready"] += len(events)
+        counts["matched"] += matched
+        counts["unmatched"] += len(events) - matched
+        counts["pending"] += int((decisions["status"] == "pending").sum())
+        for reason, number in decisions["reason"].dropna().value_counts().items():
+            counts[f"suppressed_{reason}"] = counts.get(f"suppressed_{reason}", 0) + int(number)
+        if len(events) < batch_size:
+            break
+    return counts
+
+
+def still_eligible(conn: Connection, config: TriggersConfig, pending: pd.DataFrame) -> pd.Series:
+    """At send time: None where a decision still holds, else why not (SPEC section 7).
+
+    ``pending`` has delivery_id, campaign_id, recipient_id, event_id, event_time. Reasons:
+    ``unknown_campaign`` (removed from the configuration), ``unknown_recipient``, ``opted_out``,
+    ``no_email``, ``invalid_email`` (as they are now), ``cancelled_by:<trigger>`` (the cancelling
+    event arrived after the decision). Two to three queries per call, whatever its size.
+    """
+    reasons = _objects(np.full(len(pending), None, dtype=object), pending.index)
+    if pending.empty:
+        return reasons
+    rules = compile_rules(config)
+    rule_of = {rule.id: rule for rule in rules}
+    known = pending["campaign_id"].isin(rule_of).to_numpy(dtype=bool)
+    reasons[~known] = "unknown_campaign"
+    rows = pending[known]
+    if rows.empty:
+        return reasons
+    recipient_ids = _text(rows["recipient_id"])
+    audience = Audience(read_recipients(conn, {"recipient_id": set(recipient_ids.tolist()) - {""}}, rules))
+    found = audience.rows(np.where(recipient_ids.to_numpy(dtype=object) == "", None, recipient_ids.to_numpy(dtype=object)))
+    index = rows.index
+    candidates = pd.DataFrame(
+        {
+            "rule": rows["campaign_id"].map({c: r.index for c, r in rule_of.items()}).to_numpy(dtype=np.int64),
+            "event_id": _objects(rows["event_id"].to_numpy(dtype=object), index),
+            "time_gmt": rows["event_time"].to_numpy(dtype=float),
+            "identity": recipient_ids,
+            "recipient_id": _objects(found["recipient_id"].to_numpy(dtype=object), index),
+            "email": _objects(found["email"].to_numpy(dtype=object), index),
+            "opted_out": found["opted_out"].fillna(False).to_numpy(dtype=bool),
+            "match_values": _objects([""] * len(rows), index),
+        },
+        index=index,
+    )
+    for column in person_columns(rules):
+        candidates[f"person_{column}"] = _objects(found[column].to_numpy(dtype=object), index)
+    audience_reason = audience_reasons(candidates)
+    reasons.loc[index] = audience_reason.to_numpy()
+    with_unless = [r.index for r in rules if r.unless_label]
+    open_rows = candidates[audience_reason.isna().to_numpy() & candidates["rule"].isin(with_unless).to_numpy()].copy()
+    if open_rows.empty:
+        return reasons
+    available = {dimension_column(d) for d in config.dimensions}
+    match_on = sorted({r.match_on for r in rules if r.match_on in available and r.index in set(open_rows["rule"])})
+    if match_on:
+        sql = f"SELECT event_id, {', '.join(map(_quoted, match_on))} FROM pipeline_events WHERE {_member(conn, 'event_id', 'ids')}"
+        origin = _frame(conn, sql, {"ids": _values(conn, open_rows["event_id"].unique().tolist())}, ["event_id", *match_on])
+        origin = origin.drop_duplicates("event_id").set_index("event_id")
+        for rule in rules:
+            mine = (open_rows["rule"] == rule.index).to_numpy()
+            if rule.match_on in match_on and mine.any():
+                values = origin[rule.match_on].reindex(open_rows.loc[mine, "event_id"].to_numpy(dtype=object))
+                open_rows.loc[mine, "match_values"] = _text(values).to_numpy(dtype=object)
+    max_hold = max(rule.hold for rule in rules)
+    times = open_rows["time_gmt"].to_numpy(dtype=float)
+    cancelling = read_cancelling(conn, config, rules, float(times.min()), float(times.max()) + max_hold)
+    cancelled = cancellations(open_rows, cancelling, rules).dropna()
+    reasons.loc[cancelled.index] = cancelled.to_numpy()
+    return reasons
