@@ -22,6 +22,9 @@ from include.errors import PipelineRequestError
 PIPELINE_MESSAGE = "com.adobe.mcloud.pipeline.pipelineMessage"
 TRIGGER = "com.adobe.mcloud.protocol.trigger"
 
+# the position of events staged from an export (`python -m include.cli import`), not the journal
+IMPORTED_POSITION = "import"
+
 # The columns parse_events fills, in pipeline_events order; dim_* columns follow.
 BASE_COLUMNS = ("event_id", "position", "consumer", "trigger_id", "time_gmt", "received_at",
                 "status", "reason", "mc_id", "payload")

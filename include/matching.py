@@ -50,6 +50,7 @@ from sqlalchemy import Connection, Engine, text
 
 from include.config import WILDCARD, Campaign, Condition, TriggersConfig, dimension_column
 from include.db import VALUE_SEPARATOR, bulk_write, deliveries
+from include.events import IMPORTED_POSITION
 
 LIVE_STATUSES = ("pending", "sending", "sent")
 STAGED_STATUSES = ("new", "matched", "unmatched")  # events that can cancel (not quarantined/ignored)
@@ -621,6 +622,8 @@ def read_ready_events(
     if interval is not None:
         conditions += ["time_gmt >= :start", "time_gmt < :end"]
         params["start"], params["end"] = interval
+    else:  # imported events wait for the backfill of their interval
+        conditions.append(f"position <> '{IMPORTED_POSITION}'")
     columns = _event_columns(config)
     # byte order for ties on both databases, as Python compares; SQLite's rowid lets the status
     # update walk the table in its order rather than in event-id order

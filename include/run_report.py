@@ -10,6 +10,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from include.db import events_table, pipeline_runs
+from include.events import IMPORTED_POSITION
 
 
 def run_counts(drained: dict[str, Any], matched: dict[str, Any], delivered: dict[str, Any]) -> dict[str, Any]:
@@ -30,10 +31,12 @@ def run_counts(drained: dict[str, Any], matched: dict[str, Any], delivered: dict
 
 
 def oldest_unprocessed_age(engine: Engine, now: float) -> float:
-    """Seconds since the oldest staged event still waiting for matching (0 when none)."""
+    """Seconds since the oldest journal event still waiting for matching (0 when none);
+    imported events wait for their backfill and are not lag."""
     table = events_table()
     with engine.connect() as conn:
-        oldest = conn.execute(select(func.min(table.c.received_at)).where(table.c.status == "new")).scalar()
+        oldest = conn.execute(select(func.min(table.c.received_at))
+                              .where(table.c.status == "new", table.c.position != IMPORTED_POSITION)).scalar()
     return round(max(0.0, now - oldest), 3) if oldest is not None else 0.0
 
 

@@ -84,18 +84,19 @@ def import_export(engine: Engine, config: TriggersConfig, path: str, chunk_size:
     """Stage the events of a JSON-lines export (one journal event per line), for a backfill.
 
     Idempotent like the drain: importing a file twice stores each event once. The journal
-    position is left alone; the imported events carry the position ``import``.
+    position is left alone; the imported events carry the position ``import``, and only
+    backfill runs (of the intervals their times fall in) process them.
     """
     from itertools import islice
 
-    from include.events import read_export
+    from include.events import IMPORTED_POSITION, read_export
 
     stager = Stager(engine, config)
     counts = {"lines": 0, "staged": 0, "quarantined": 0, "ignored": 0}
     with open(path, encoding="utf-8") as export:
         events = read_export(export)
         while chunk := list(islice(events, chunk_size)):
-            page = stager.parser.parse_items([("import", event, raw) for _, event, raw in chunk], time.time())
+            page = stager.parser.parse_items([(IMPORTED_POSITION, event, raw) for _, event, raw in chunk], time.time())
             with engine.begin() as conn:
                 counts["staged"] += bulk_write(conn, stager.table, page.columns, page.rows())
             counts["lines"] += page.count
