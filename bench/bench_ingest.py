@@ -4,9 +4,9 @@
 
 The simulator runs in its own process (as Adobe would, it does not share our GIL). Each drain
 runs in a fresh child process so that its peak RSS is its own. The raw insert writes the rows
-the drain staged, read back from the same database, into an unindexed copy of the table:
-SQLite ``executemany``, PostgreSQL ``COPY``, no conflict handling: the floor of what a
-database write costs here.
+the drain staged, read back from the same database, into a twin table (SQLite ``executemany``,
+PostgreSQL ``COPY``, no conflict handling): once with the same key and indexes as
+``pipeline_events`` (what storing these rows costs), once bare (the database's floor).
 """
 
 from __future__ import annotations
@@ -83,19 +83,26 @@ def drain_worker(db_url: str, simulator_url: str, private_key: str, fetch_size: 
                       "pages": report.pages, "peak_rss_mib": round(peak_kib / 1024, 1)}))
 
 
-def raw_insert_seconds(db_url: str, chunk: int = 100_000) -> tuple[float, int]:
-    """Copy the staged rows into an unindexed twin table; time only the writes."""
-    from include.db import make_engine
+def raw_insert_seconds(db_url: str, *, indexed: bool, chunk: int = 100_000) -> tuple[float, int]:
+    """Copy the staged rows into a twin table (with the same key and indexes, or bare); time
+    only the writes: no HTTP, no parsing, no conflict handling."""
+    from include.db import EVENT_INDEXES, make_engine
 
     engine = make_engine(db_url)
+    postgres = engine.dialect.name == "postgresql"
     with engine.begin() as conn:
         conn.exec_driver_sql("DROP TABLE IF EXISTS raw_events")
-        if engine.dialect.name == "postgresql":
-            conn.exec_driver_sql("CREATE TABLE raw_events (LIKE pipeline_events)")
+        if postgres:
+            conn.exec_driver_sql(f"CREATE TABLE raw_events (LIKE pipeline_events {'INCLUDING ALL' if indexed else ''})")
         else:
             conn.exec_driver_sql("CREATE TABLE raw_events AS SELECT * FROM pipeline_events WHERE 0")
-    columns = [c for c in engine.dialect.get_columns(engine.connect(), "pipeline_events")]
-    names = ", ".join(f'"{c["name"]}"' for c in columns)
+            if indexed:
+                conn.exec_driver_sql("CREATE UNIQUE INDEX raw_events_key ON raw_events (event_id)")
+                for number, (_, columns) in enumerate(EVENT_INDEXES):
+                    conn.exec_driver_sql(f"CREATE INDEX raw_events_{number} ON raw_events ({', '.join(columns)})")
+    with engine.connect() as probe:
+        columns = [c["name"] for c in engine.dialect.get_columns(probe, "pipeline_events")]
+    names = ", ".join(f'"{c}"' for c in columns)
     elapsed, total = 0.0, 0
     with engine.connect() as reader:
         result = reader.exec_driver_sql(f"SELECT {names} FROM pipeline_events").yield_per(chunk)
@@ -104,7 +111,7 @@ def raw_insert_seconds(db_url: str, chunk: int = 100_000) -> tuple[float, int]:
             started = time.perf_counter()
             with engine.begin() as conn:
                 cursor = conn.connection.dbapi_connection.cursor()
-                if engine.dialect.name == "postgresql":
+                if postgres:
                     with cursor.copy(f"COPY raw_events ({names}) FROM STDIN") as copy:
                         for row in rows:
                             copy.write_row(row)
@@ -143,12 +150,15 @@ def main() -> None:
                 if run.returncode:
                     raise SystemExit(run.stderr[-3000:])
                 result = json.loads(run.stdout.strip().splitlines()[-1])
-                raw_seconds, raw_rows = raw_insert_seconds(db_url)
                 rate = result["received"] / result["seconds"]
-                raw_rate = raw_rows / raw_seconds
                 print(f"  {kind:<10} drain {result['received']:,} events in {result['seconds']:.1f} s = "
-                      f"{rate:,.0f} events/s, peak RSS {result['peak_rss_mib']:,.0f} MiB | raw insert "
-                      f"{raw_rows:,} rows in {raw_seconds:.1f} s = {raw_rate:,.0f} rows/s | ratio {rate / raw_rate:.2f}")
+                      f"{rate:,.0f} events/s, peak RSS {result['peak_rss_mib']:,.0f} MiB", flush=True)
+                for indexed in (True, False):
+                    raw_seconds, raw_rows = raw_insert_seconds(db_url, indexed=indexed)
+                    raw_rate = raw_rows / raw_seconds
+                    shape = "same key and indexes" if indexed else "bare table, no index"
+                    print(f"  {'':<10} raw insert of the {raw_rows:,} staged rows, {shape}: {raw_seconds:.1f} s = "
+                          f"{raw_rate:,.0f} rows/s; drain / raw = {rate / raw_rate:.2f}", flush=True)
         finally:
             simulator.terminate()
             simulator.wait()
