@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHES = ("bench.bench_ingest", "bench.bench_matching", "bench.bench_delivery")
+BENCHES = ("bench.bench_ingest", "bench.bench_matching", "bench.bench_delivery", "bench.bench_cycle")
 
 if __name__ == "__main__":
     for module in BENCHES:
