@@ -5,7 +5,7 @@ triggers_purge``, ``airflow api-server``) on loopback with a temporary ``AIRFLOW
 database and the simple auth manager with a known admin password; the project's ``dags/`` and
 ``plugins/`` folders; a staging database seeded with a pipeline history. Headless Chromium is
 driven over the DevTools protocol with the ``websockets`` package. Screenshots land in
-``docs/screenshots/`` for the README.
+``$TRIGGERS_SCREENSHOTS`` (``docs/screenshots/`` refreshes the README's), else a temporary folder.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -35,7 +36,9 @@ from include.db import bulk_write, deliveries, ensure_schema, make_engine, pipel
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+# TRIGGERS_SCREENSHOTS=docs/screenshots refreshes the README's pictures; by default they go to a
+# temporary folder, so that a test run leaves the checkout as it was
+SCREENSHOTS = Path(os.environ.get("TRIGGERS_SCREENSHOTS") or tempfile.mkdtemp(prefix="triggers-screenshots-"))
 VENV_BIN = Path(sys.executable).parent
 HOUR = 3600
 
