@@ -625,17 +625,17 @@ def read_ready_events(
     else:  # imported events wait for the backfill of their interval
         conditions.append(f"position <> '{IMPORTED_POSITION}'")
     columns = _event_columns(config)
-    # byte order for ties on both databases, as Python compares; SQLite's rowid lets the status
-    # update walk the table in its order rather than in event-id order
+    # byte order for ties on both databases, as Python compares. The row's physical address
+    # (SQLite's rowid, PostgreSQL's ctid) lets the status update reach it without the key index.
     postgres = conn.dialect.name == "postgresql"
-    row_key = [] if postgres else ["rowid"]
+    row_key = "ctid::text" if postgres else "rowid"
     tie_order = 'event_id COLLATE "C"' if postgres else "event_id"
     sql = (
-        f"SELECT {', '.join([*map(_quoted, columns), *row_key])} FROM pipeline_events "
+        f"SELECT {', '.join([*map(_quoted, columns), row_key])} FROM pipeline_events "
         f"WHERE {' AND '.join(conditions)} "
         f"ORDER BY time_gmt, {tie_order} LIMIT :limit"
     )
-    return _frame(conn, sql, params, [*columns, *(["row_key"] if row_key else [])], floats=("time_gmt",))
+    return _frame(conn, sql, params, [*columns, "row_key"], floats=("time_gmt",))
 
 
 def _recipient_columns(rules: Sequence[Rule]) -> list[str]:
@@ -741,16 +741,24 @@ def _limit_window(config: TriggersConfig, rules: Sequence[Rule]) -> float:
 
 
 def _mark_events(conn: Connection, events: pd.DataFrame, status: str, at: float) -> None:
+    """Set the events' status, by row address when read with one (``row_key``), else by event_id.
+
+    A row updated by someone else since it was read has moved (PostgreSQL) and is missed by its
+    address: the events still ``new`` then are marked by event_id.
+    """
     if events.empty:
         return
+    statement = "UPDATE pipeline_events SET status = :status, processed_at = :at WHERE "
+    params: dict[str, Any] = {"status": status, "at": at}
     if "row_key" in events:
-        where, keys = "rowid IN (SELECT value FROM json_each(:ids))", json.dumps(events["row_key"].astype(int).tolist())
-    else:
-        where, keys = _member(conn, "event_id", "ids"), _values(conn, events["event_id"].tolist())
-    conn.execute(
-        text(f"UPDATE pipeline_events SET status = :status, processed_at = :at WHERE {where}"),
-        {"status": status, "at": at, "ids": keys},
-    )
+        if conn.dialect.name == "postgresql":
+            where, keys = "ctid = ANY(CAST(:keys AS tid[]))", events["row_key"].tolist()
+        else:
+            where, keys = "rowid IN (SELECT value FROM json_each(:keys))", json.dumps(events["row_key"].astype(int).tolist())
+        if conn.execute(text(statement + where + " AND status = 'new'"), {**params, "keys": keys}).rowcount == len(events):
+            return
+    where = f"{_member(conn, 'event_id', 'ids')} AND status = 'new'"
+    conn.execute(text(statement + where), {**params, "ids": _values(conn, events["event_id"].tolist())})
 
 
 def _delivery_rows(decisions: pd.DataFrame, decided_at: float) -> list[tuple[Any, ...]]:
