@@ -1,17 +1,19 @@
 """Delivery throughput: deliver_pending (render + send + record) beside plain smtplib.
 
-    python -m bench.bench_delivery [--messages 100000] [--db URL] [--connections 1,2,4,8]
+    python -m bench.bench_delivery [--messages 100000] [--db URL] [--connections 1,2,4] [--repeat 3]
 
 Starts a minimal SMTP sink in its own process (so it does not share the client's GIL), fills a
 database with N recipients and N pending deliveries, then times on the same sink, in one run:
 
 * ``plain smtplib``: the N messages rendered beforehand, sent with ``SMTP.sendmail`` on one
   connection (and on several threads, to show where the sink saturates);
-* ``deliver_pending``: the real path (select, eligibility re-check, render, claim, send, record
-  each 250) on 1, 2, 4, 8 connections, and on 1 connection with ``window=1`` (a commit before
-  each next message).
+* ``deliver_pending``: the real path (select, eligibility re-check, render in its render
+  process(es), claim, send, record each 250) with its default window, on 1, 2, 4 connections
+  (``--window1``: also 1 connection with ``window=1``, a commit before each next message).
 
-Prints messages/s and the ratio to plain smtplib on one connection.
+Each round times plain smtplib on 1 connection, then for each connection count plain smtplib and
+deliver_pending in turn, so a ratio compares runs that saw the same machine load. Prints each
+round, then a table of medians.
 """
 
 from __future__ import annotations
@@ -174,15 +176,16 @@ def plain_smtplib(port: int, messages, connections: int = 1) -> float:
     return len(messages) / (time.perf_counter() - started)
 
 
-def delivery_path(engine, config, port: int, count: int, connections: int, window: int) -> float:
+def delivery_path(engine, config, port: int, count: int, connections: int, window: int | None = None) -> float:
     from include.delivery import SmtpSettings, deliver_pending
 
     smtp = SmtpSettings.from_connection(SimpleNamespace(
         host="127.0.0.1", port=port, login=None, password=None, extra_dejson={"disable_ssl": True, "disable_tls": True}))
     reset_deliveries(engine)
+    options = {} if window is None else {"window": window}
     started = time.perf_counter()
     counts = deliver_pending(engine, config, smtp, templates_dir=ROOT / "include" / "templates", worker_id="bench",
-                             connections=connections, window=window, batch_size=1000)
+                             connections=connections, batch_size=1000, **options)
     elapsed = time.perf_counter() - started
     assert counts.get("sent") == count, counts
     return count / elapsed
@@ -192,7 +195,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--db", default=None, help="database URL (default: a new SQLite file)")
-    parser.add_argument("--connections", default="1,2,4,8")
+    parser.add_argument("--connections", default="1,2,4", help="connection counts to time, comma-separated")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; the table shows medians")
+    parser.add_argument("--window1", action="store_true", help="also time 1 connection with window=1")
     parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sink:
@@ -201,35 +206,52 @@ def main() -> int:
     os.environ.setdefault("TRIGGERS_TEMPLATES", str(ROOT / "include" / "templates"))
     from include.config import load_config
     from include.db import make_engine
+    from include.delivery import default_render_processes
 
     config = load_config(ROOT / "include" / "triggers.yaml", ROOT / "include" / "templates")
     config = config.model_copy(update={"limits": config.limits.model_copy(update={"rate": None})})  # measure, not throttle
     count = args.messages
+    counts = [int(c) for c in args.connections.split(",")]
     tmp = tempfile.TemporaryDirectory()
     engine = make_engine(args.db or f"sqlite:///{tmp.name}/bench.db")
-    print(f"{count:,} messages, database {engine.dialect.name}, {os.cpu_count()} cores, sink in its own process")
+    print(f"{count:,} messages, database {engine.dialect.name}, {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f}, sink in its own process, {default_render_processes()} render process(es)", flush=True)
     fill_database(engine, config, count)
     sink, port = start_sink()
+    plain: dict[int, list[float]] = {n: [] for n in counts}
+    path: dict[int, list[float]] = {n: [] for n in counts}
+    ratio: dict[int, list[float]] = {n: [] for n in counts}  # deliver_pending on n / plain on 1, same round
+    window1: list[float] = []
     try:
         messages, render_rate = pre_render(config, count)
         size = statistics.median(len(m.data) for m in messages[:1000])
-        print(f"render only (Renderer.render_bytes): {render_rate:9,.0f} messages/s  (median message {size:,.0f} bytes)")
-        plain = plain_smtplib(port, messages)
-        print(f"plain smtplib, 1 connection:         {plain:9,.0f} messages/s  (1.00)")
-        for n in (2, 4):
-            rate = plain_smtplib(port, messages, n)
-            print(f"plain smtplib, {n} connections:        {rate:9,.0f} messages/s  ({rate / plain:.2f})")
-        del messages
-        rate = delivery_path(engine, config, port, count, 1, 1)
-        print(f"deliver_pending, 1 connection, window=1 (commit before next): {rate:9,.0f} messages/s  ({rate / plain:.2f})")
-        for n in (int(c) for c in args.connections.split(",")):
-            rate = delivery_path(engine, config, port, count, n, 8)
-            print(f"deliver_pending, {n} connection(s), window=8: {rate:9,.0f} messages/s  ({rate / plain:.2f})")
+        print(f"render only (Renderer.render_bytes, 1 process): {render_rate:,.0f} messages/s (median message {size:,.0f} bytes)", flush=True)
+        for round_ in range(1, args.repeat + 1):
+            one = plain_smtplib(port, messages, 1)
+            for n in counts:  # plain and the path in turn, so both see the same machine load
+                plain[n].append(one if n == 1 else plain_smtplib(port, messages, n))
+                path[n].append(delivery_path(engine, config, port, count, n))
+                ratio[n].append(path[n][-1] / one)
+                print(f"round {round_}: {n} connection(s): plain smtplib {plain[n][-1]:8,.0f}/s, deliver_pending "
+                      f"{path[n][-1]:8,.0f}/s, ratio to plain on 1 connection {ratio[n][-1]:.2f}", flush=True)
+            if args.window1:
+                window1.append(delivery_path(engine, config, port, count, 1, 1) / one)
+                print(f"round {round_}: 1 connection, window=1: ratio {window1[-1]:.2f}", flush=True)
     finally:
         sink.terminate()
         sink.wait()
         engine.dispose()
         tmp.cleanup()
+    med = statistics.median
+    print(f"\nmedians of {args.repeat} round(s), {count:,} messages, {engine.dialect.name}; ratios are taken within each round")
+    print(f"{'connections':>11} | {'plain smtplib msg/s':>19} | {'deliver_pending msg/s':>21} | {'deliver / plain on 1 conn':>25} | {'deliver / plain, same conns':>27}")
+    print("-" * 11 + "-+-" + "-" * 19 + "-+-" + "-" * 21 + "-+-" + "-" * 25 + "-+-" + "-" * 27)
+    for n in counts:
+        same = med([p / q for p, q in zip(path[n], plain[n], strict=True)])
+        print(f"{n:>11} | {med(plain[n]):>19,.0f} | {med(path[n]):>21,.0f} | {med(ratio[n]):>25.2f} | {same:>27.2f}")
+    if window1:
+        print(f"1 connection, window=1 (a commit before each next message): {med(window1):.2f} of plain on 1 connection")
+    print("goal (issue 4): deliver_pending on 1 connection >= 0.80 of plain smtplib on 1 connection")
     return 0
 
 

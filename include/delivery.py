@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import multiprocessing
 import os
 import queue
 import smtplib
@@ -38,6 +39,8 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,15 +50,24 @@ from sqlalchemy import Engine, text, update
 from include.config import TriggersConfig
 from include.db import deliveries, ensure_schema, recipients
 from include.errors import InvalidEmailError, SmtpUnavailableError, TemplateRenderError
-from include.render import RenderedEmail, Renderer, event_context, normalize_email, unsubscribe_url_for
+from include.render import (
+    DEFAULT_UNSUBSCRIBE_URL,
+    UNSUBSCRIBE_URL_ENV,
+    RenderedEmail,
+    Renderer,
+    event_context,
+    normalize_email,
+    unsubscribe_url_for,
+)
 
 log = logging.getLogger(__name__)
 
 RECIPIENT_COLUMNS = tuple(c.name for c in recipients.columns)
 _ACTIVE_RUNS: set[str] = set()  # run tokens of deliver_pending calls running in this process
 _TRUE = {"1", "true", "yes", "on"}
-RECORD_LINGER = 0.002  # seconds a result may wait for others to share its commit (window > 1)
+RECORD_LINGER = 0.005  # seconds a result may wait for others to share its commit (window > 1)
 SWITCH_INTERVAL = 0.0001  # GIL hand-over while sending: a thread whose reply arrived waits less
+RENDER_POOL_MIN_ROWS = 200  # a full batch at least this big starts the render process(es)
 
 
 def _flag(value: Any) -> bool:
@@ -223,6 +235,77 @@ def recheck_eligibility(conn: Any, config: TriggersConfig, rows: list[Mapping[st
 
 
 # ---------------------------------------------------------------------------------------------
+# Rendering, in this process or in render processes (CPU-bound: off the sending process's GIL)
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _CampaignSpec:
+    id: str
+    template: str
+    sender: str
+
+
+# What a row renders to: the message, or (suppression/failure reason, detail)
+_Rendered = RenderedEmail | tuple[str, str]
+
+
+class _RowRenderer:
+    """Delivery rows (plain dicts of the batch query) -> messages; picklable settings only."""
+
+    def __init__(self, templates_dir: Path, unsubscribe_mailto: str | None, unsubscribe_url: str,
+                 campaigns: Mapping[str, _CampaignSpec]) -> None:
+        self.renderer = Renderer(templates_dir, unsubscribe_mailto=unsubscribe_mailto)
+        self.unsubscribe_url = unsubscribe_url
+        self.campaigns = campaigns
+
+    def render_rows(self, rows: list[dict[str, Any]]) -> list[_Rendered]:
+        out: list[_Rendered] = []
+        for row in rows:
+            try:
+                out.append(self.render_row(row))
+            except InvalidEmailError:
+                out.append(("invalid_email", ""))
+            except TemplateRenderError as error:
+                out.append(("template_error", str(error)))
+        return out
+
+    def render_row(self, row: Mapping[str, Any]) -> RenderedEmail:
+        campaign = self.campaigns[row["campaign_id"]]
+        recipient = {c: row[f"r_{c}"] for c in RECIPIENT_COLUMNS}
+        recipient["email"] = row["email"] or recipient["email"]  # the address the decision recorded
+        dimensions: dict[str, list[Any]] = {}
+        if row["e_payload"]:
+            try:
+                from include.events import dimension_values
+
+                dimensions = dimension_values(row["e_payload"])
+            except (ValueError, TypeError, AttributeError):
+                dimensions = {}
+        event = event_context(row["e_trigger_id"], row["event_time"], dimensions)
+        url = unsubscribe_url_for(row["delivery_id"], row["campaign_id"], row["recipient_id"], self.unsubscribe_url)
+        return self.renderer.render_bytes(campaign, recipient, event, row["delivery_id"], url)
+
+
+_WORKER_RENDERER: list[_RowRenderer] = []  # in a render process: the one set up by _start_render_worker
+
+
+def _start_render_worker(*settings: Any) -> None:
+    _WORKER_RENDERER[:] = [_RowRenderer(*settings)]
+
+
+def _render_in_worker(rows: list[dict[str, Any]]) -> list[_Rendered]:
+    return _WORKER_RENDERER[0].render_rows(rows)
+
+
+def _ready() -> bool:
+    return True
+
+
+def default_render_processes() -> int:
+    """1 on up to 2 cores (the SMTP relay and the sending process need the rest), else up to 4."""
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+# ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
 @dataclass(slots=True)
@@ -266,13 +349,18 @@ class _Delivery:
         self.smtp = smtp
         self.__dict__.update(options)
         self.run_token = f"{self.worker_id}|{socket.gethostname()}|{os.getpid()}|{uuid.uuid4().hex[:12]}"
-        self.renderer = Renderer(self.templates_dir)
-        self.campaigns = {c.id: c for c in config.campaigns}
+        self.campaigns = {c.id: _CampaignSpec(c.id, c.template, c.sender) for c in config.campaigns}
+        self.row_renderer = _RowRenderer(
+            self.templates_dir, None, self.unsubscribe_url or os.environ.get(UNSUBSCRIBE_URL_ENV) or DEFAULT_UNSUBSCRIBE_URL,
+            self.campaigns)
+        self.render_pool: ProcessPoolExecutor | None = None
+        self.record_conn: Any = None
         rate = config.limits.rate
         self.limiter = RateLimiter(rate.per_second if rate else None, rate.per_domain_per_second if rate else None)
         self.counts: Counter[str] = Counter()
         self.counts_lock = threading.Lock()
-        self.work: queue.Queue[Any] = queue.Queue(maxsize=max(self.batch_size, 2 * self.connections * self.window))
+        # room for the next batch while the current one is sent (its rendering is then off this process)
+        self.work: queue.Queue[Any] = queue.Queue(maxsize=max(2 * self.batch_size, 2 * self.connections * self.window))
         self.results: queue.Queue[Any] = queue.Queue()
         self.fatal: list[BaseException] = []
         self.alive_senders = self.connections
@@ -313,6 +401,8 @@ class _Delivery:
             self._release_queued()  # claimed but never handed to a connection
             self.results.put(_STOP)
             recorder.join()
+            if self.render_pool is not None:
+                self.render_pool.shutdown(wait=True, cancel_futures=True)
             _ACTIVE_RUNS.discard(self.run_token)
             sys.setswitchinterval(switch_interval)
         counts = {k: v for k, v in sorted(self.counts.items()) if v}
@@ -339,7 +429,7 @@ class _Delivery:
                     return
                 self._sleep(max(0.01, wait))
                 continue
-            jobs = self._prepare(rows)
+            jobs = self._prepare(rows, limit)
             for job in jobs:
                 if self.fatal or self.alive_senders <= 0 or not self._put_work(job):
                     self.results.put(_Result(job, "release", "", time.time()))
@@ -378,44 +468,71 @@ class _Delivery:
             due = conn.execute(sql, params).scalar()
         return None if due is None else max(0.0, float(due) - self.clock())
 
-    def _render(self, row: Mapping[str, Any]) -> RenderedEmail:
-        campaign = self.campaigns[row["campaign_id"]]
-        recipient = {c: row[f"r_{c}"] for c in RECIPIENT_COLUMNS}
-        recipient["email"] = row["email"] or recipient["email"]  # the address the decision recorded
-        dimensions: dict[str, list[Any]] = {}
-        if row["e_payload"]:
+    def _pool_for(self, rows: int, limit: int) -> ProcessPoolExecutor | None:
+        """The render processes, started at the first full batch of at least RENDER_POOL_MIN_ROWS."""
+        if self.render_pool is None and self.render_processes > 0 and rows >= max(limit, RENDER_POOL_MIN_ROWS):
             try:
-                from include.events import dimension_values
+                renderer = self.row_renderer
+                self.render_pool = ProcessPoolExecutor(
+                    self.render_processes, mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_start_render_worker,
+                    initargs=(self.templates_dir, renderer.renderer.unsubscribe_mailto, renderer.unsubscribe_url, self.campaigns),
+                )
+                self.render_pool.submit(_ready)  # starts them while this batch is rendered here
+            except (OSError, AssertionError, ValueError) as error:  # e.g. a daemonic process may not have children
+                log.warning("rendering in this process: cannot start render processes (%s)", error)
+                self.render_processes = 0
+            return None
+        return self.render_pool
 
-                dimensions = dimension_values(row["e_payload"])
-            except (ValueError, TypeError, AttributeError):
-                dimensions = {}
-        event = event_context(row["e_trigger_id"], row["event_time"], dimensions)
-        url = unsubscribe_url_for(row["delivery_id"], row["campaign_id"], row["recipient_id"], self.unsubscribe_url)
-        return self.renderer.render_bytes(campaign, recipient, event, row["delivery_id"], url)
+    def _render_async(self, rows: list[dict[str, Any]], limit: int) -> Callable[[], list[_Rendered]]:
+        """Start rendering ``rows``; the returned function waits for the results (in row order)."""
+        pool = self._pool_for(len(rows), limit)
+        if pool is None or not rows:
+            results = self.row_renderer.render_rows(rows)
+            return lambda: results
+        size = -(-len(rows) // self.render_processes)
+        futures: list[Future[list[_Rendered]]] = [pool.submit(_render_in_worker, rows[i:i + size]) for i in range(0, len(rows), size)]
 
-    def _prepare(self, rows: list[Mapping[str, Any]]) -> list[_Job]:
-        """Render, re-check eligibility, then in one transaction: suppress, fail, claim the rest."""
-        rendered: dict[str, RenderedEmail] = {}
+        def wait() -> list[_Rendered]:
+            try:
+                return [item for future in futures for item in future.result()]
+            except BrokenProcessPool as error:  # a render process died: go on without them
+                log.warning("rendering in this process: a render process stopped (%s)", error)
+                self.render_pool = None
+                self.render_processes = 0
+                pool.shutdown(wait=False, cancel_futures=True)
+                return self.row_renderer.render_rows(rows)
+
+        return wait
+
+    def _prepare(self, rows: list[Mapping[str, Any]], limit: int) -> list[_Job]:
+        """Render (in the render processes while eligibility is re-checked here), then in one
+        transaction: suppress, fail, claim the rest."""
         closed: list[dict[str, Any]] = []  # status changes that are not a claim
+        known = []
         for row in rows:
+            if row["campaign_id"] in self.campaigns:
+                known.append(dict(row))
+            else:
+                closed.append({"id": row["delivery_id"], "status": "suppressed", "reason": "unknown_campaign"})
+        wait_for_render = self._render_async(known, limit)
+        with self.engine.connect() as conn:
+            eligibility = recheck_eligibility(conn, self.config, known)
+        rendered: dict[str, RenderedEmail] = {}
+        for row, outcome, reason in zip(known, wait_for_render(), eligibility, strict=True):
             delivery_id = row["delivery_id"]
-            if row["campaign_id"] not in self.campaigns:
-                closed.append({"id": delivery_id, "status": "suppressed", "reason": "unknown_campaign"})
-                continue
-            try:
-                rendered[delivery_id] = self._render(row)
-            except InvalidEmailError:
+            if isinstance(outcome, RenderedEmail):
+                if reason is None:
+                    rendered[delivery_id] = outcome
+                else:
+                    closed.append({"id": delivery_id, "status": "suppressed", "reason": reason})
+            elif outcome[0] == "invalid_email":
                 closed.append({"id": delivery_id, "status": "suppressed", "reason": "invalid_email"})
-            except TemplateRenderError as error:
-                closed.append({"id": delivery_id, "status": "failed", "reason": f"template_error: {error}"[:500]})
+            else:
+                closed.append({"id": delivery_id, "status": "failed", "reason": f"template_error: {outcome[1]}"[:500]})
         now = self.clock()
         with self.engine.begin() as conn:
-            candidates = [row for row in rows if row["delivery_id"] in rendered]
-            for row, reason in zip(candidates, recheck_eligibility(conn, self.config, candidates), strict=True):
-                if reason is not None:
-                    del rendered[row["delivery_id"]]
-                    closed.append({"id": row["delivery_id"], "status": "suppressed", "reason": reason})
             if closed:
                 conn.execute(
                     text("UPDATE deliveries SET status = :status, reason = :reason "
@@ -559,20 +676,40 @@ class _Delivery:
 
     # -- recorder --------------------------------------------------------------------------
     def _record_loop(self) -> None:
+        # A commit costs ~150 µs of CPU whatever its size: let a group of half the windows form
+        # (the senders go on meanwhile), but never hold a result more than RECORD_LINGER.
+        group = max(1, self.connections * self.window // 2) if self.window > 1 else 1
         stop = False
-        while not stop:
-            batch = [self.results.get()]
-            if self.window > 1:  # let a group form: one commit per group, not per message
-                time.sleep(RECORD_LINGER)
-            while len(batch) < 5000:
-                try:
-                    batch.append(self.results.get_nowait())
-                except queue.Empty:
-                    break
-            stop = any(item is _STOP for item in batch)
-            items = [item for item in batch if item is not _STOP]
-            if items:
-                self._commit(items)
+        try:
+            while not stop:
+                batch = [self.results.get()]
+                deadline = time.monotonic() + RECORD_LINGER
+                while len(batch) < 5000 and batch[-1] is not _STOP:
+                    try:
+                        batch.append(self.results.get_nowait())
+                        continue
+                    except queue.Empty:
+                        pass
+                    left = deadline - time.monotonic()
+                    if len(batch) >= group or left <= 0:
+                        break
+                    try:
+                        batch.append(self.results.get(timeout=left))
+                    except queue.Empty:
+                        break
+                stop = any(item is _STOP for item in batch)
+                items = [item for item in batch if item is not _STOP]
+                if items:
+                    self._commit(items)
+        finally:
+            if self.record_conn is not None:
+                self.record_conn.close()
+
+    def _record_connection(self) -> Any:
+        """The recorder's own connection, kept for the run (a checkout pings the database)."""
+        if self.record_conn is None:
+            self.record_conn = self.engine.connect()
+        return self.record_conn
 
     def _commit(self, items: list[_Result]) -> None:
         sent, closed, retry, release = [], [], [], []
@@ -596,7 +733,8 @@ class _Delivery:
             if not (sent or closed or retry or release):
                 break
             try:
-                with self.engine.begin() as conn:
+                conn = self._record_connection()
+                with conn.begin():
                     if sent:
                         conn.execute(text(f"UPDATE deliveries SET status = 'sent', sent_at = :at, smtp_reply = :reply, reason = NULL {guard}"), sent)
                     if closed:
@@ -607,6 +745,13 @@ class _Delivery:
                         conn.execute(text(f"UPDATE deliveries SET status = 'pending', attempts = attempts - 1 {guard}"), release)
                 break
             except Exception as error:  # the database must come back before anything else is sent
+                if self.record_conn is not None:  # a new connection for the next attempt
+                    try:
+                        self.record_conn.invalidate()
+                        self.record_conn.close()
+                    except Exception:  # noqa: BLE001 - it is being dropped anyway
+                        pass
+                    self.record_conn = None
                 if attempt >= 5:
                     log.error("cannot record %d delivery results: %s; stopping", len(items), error)
                     self.fatal.append(error)
@@ -704,6 +849,7 @@ def deliver_pending(
     max_attempts: int = 8,
     wait_for_retries: float = 30.0,
     unsubscribe_url: str | None = None,
+    render_processes: int | None = None,
 ) -> dict[str, int]:
     """Send every due pending delivery (of ``interval``'s events, for a backfill) and record it.
 
@@ -713,7 +859,9 @@ def deliver_pending(
     due within ``wait_for_retries`` seconds and leaves later ones to the next run; after
     ``max_attempts`` claims the row is ``failed``. A 5xx is ``failed`` with the reply.
     ``window`` bounds the messages per connection accepted by the server but not yet committed
-    (1 = commit each message before sending the next). Returns the counts (sent, failed,
+    (1 = commit each message before sending the next). Large runs render in ``render_processes``
+    separate processes (default :func:`default_render_processes`; 0 = in this process), started at
+    the first full batch of at least RENDER_POOL_MIN_ROWS rows. Returns the counts (sent, failed,
     retried, suppressed_<reason>, render_failed, requeued_interrupted, ...).
     Raises :class:`SmtpUnavailableError` when no connection to the relay could be made, after
     giving the unsent rows back.
@@ -725,6 +873,7 @@ def deliver_pending(
         templates_dir=Path(templates_dir), worker_id=worker_id, connections=connections, batch_size=batch_size,
         max_messages=max_messages, now=now, interval=interval, window=window, lease=lease,
         max_attempts=max_attempts, wait_for_retries=wait_for_retries, unsubscribe_url=unsubscribe_url,
+        render_processes=default_render_processes() if render_processes is None else max(0, render_processes),
         backoff_sql=_backoff_case(max_attempts, retry_delay, max_retry_delay),
     )
     return run.run()

@@ -21,6 +21,7 @@ import base64
 import binascii
 import hashlib
 import os
+import random
 import re
 import time
 from collections.abc import Mapping
@@ -50,6 +51,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _PLAIN_PHRASE = re.compile(rf"[{_ATEXT} ]*")
 _LOCALE = re.compile(r"([A-Za-z]{2,3})(?:[_-]([A-Za-z0-9]{2,8}))?")
 _URL_FORBIDDEN = re.compile(r"[\s<>\",\x00-\x1f\x7f]")
+_URL_SAFE = re.compile(r"[A-Za-z0-9_.~-]*")  # what quote(safe="") leaves as is
 _ENCODED_CHUNK_BYTES = 45  # base64 of 45 bytes = 60 chars: "=?utf-8?b?" + 60 + "?=" <= 75 (RFC 2047)
 
 
@@ -159,11 +161,12 @@ def unsubscribe_url_for(delivery_id: str, campaign_id: str, recipient_id: str | 
     """The one-click unsubscribe URL: ``TRIGGERS_UNSUBSCRIBE_URL`` with ``{delivery_id}``,
     ``{campaign_id}`` and ``{recipient_id}`` filled in, URL-quoted."""
     template = template or os.environ.get(UNSUBSCRIBE_URL_ENV) or DEFAULT_UNSUBSCRIBE_URL
-    return template.format(
-        delivery_id=quote(str(delivery_id), safe=""),
-        campaign_id=quote(str(campaign_id), safe=""),
-        recipient_id=quote(str(recipient_id or ""), safe=""),
-    )
+    return template.format(delivery_id=_url_part(delivery_id), campaign_id=_url_part(campaign_id), recipient_id=_url_part(recipient_id or ""))
+
+
+def _url_part(value: Any) -> str:
+    text = str(value)
+    return text if _URL_SAFE.fullmatch(text) else quote(text, safe="")  # quote() costs ~15 µs
 
 
 def event_context(trigger_id: str | None, event_time: float | None, dimensions: Mapping[str, list[Any]] | None) -> dict[str, Any]:
@@ -197,6 +200,7 @@ class Renderer:
         self.unsubscribe_mailto = unsubscribe_mailto if unsubscribe_mailto is not None else os.environ.get(UNSUBSCRIBE_MAILTO_ENV)
         self._sets: dict[tuple[str, str | None], tuple[jinja2.Template, ...]] = {}
         self._senders: dict[str, tuple[str, str, str]] = {}
+        self._globals: dict[int, tuple[jinja2.Template, dict[str, Any]]] = {}  # id(template) -> (template, its globals)
         self._date: tuple[int, str] = (0, "")
 
     def template_set(self, name: str, locale: str | None = None) -> tuple[jinja2.Template, ...]:
@@ -223,6 +227,16 @@ class Renderer:
                 except jinja2.TemplateError as error:
                     raise TemplateRenderError(f"template set {prefix!r}: {error}") from None
         raise TemplateRenderError(f"template set {name!r} not found in {self.templates_dir} (needs {name}.subject.j2, .txt.j2, .html.j2)")
+
+    def _render_template(self, template: jinja2.Template, context: dict[str, Any]) -> str:
+        """``template.render(context)`` without its per-call copy of the globals' ChainMap (~70 µs)."""
+        key = id(template)
+        found = self._globals.get(key)
+        if found is None:
+            found = self._globals[key] = (template, dict(template.globals))
+        environment = template.environment
+        frame = environment.context_class(environment, {**found[1], **context}, template.name, template.blocks)
+        return environment.concat(template.root_render_func(frame))  # type: ignore[attr-defined]
 
     def _sender(self, sender: str) -> tuple[str, str, str]:
         found = self._senders.get(sender)
@@ -253,9 +267,9 @@ class Renderer:
         subject_t, text_t, html_t = self.template_set(campaign.template, recipient.get("locale"))
         context = {"recipient": recipient, "event": event, "campaign": {"id": campaign.id}, "unsubscribe_url": unsubscribe_url}
         try:
-            subject = subject_t.render(context)
-            text = text_t.render(context)
-            html = html_t.render(context)
+            subject = self._render_template(subject_t, context)
+            text = self._render_template(text_t, context)
+            html = self._render_template(html_t, context)
         except Exception as error:  # any template failure fails this delivery only
             raise TemplateRenderError(f"template {campaign.template!r}: {type(error).__name__}: {error}"[:500]) from None
         name = " ".join(str(p) for p in (recipient.get("first_name"), recipient.get("last_name")) if p)
@@ -263,7 +277,8 @@ class Renderer:
         unsubscribe = f"<{unsubscribe_url}>"
         if self.unsubscribe_mailto:
             unsubscribe += f", <mailto:{self.unsubscribe_mailto}?subject=unsubscribe-{quote(str(delivery_id), safe='')}>"
-        boundary = "=_" + os.urandom(12).hex()  # "=_" cannot occur in quoted-printable text
+        # "=_" cannot occur in quoted-printable text, so the boundary need not be secret (urandom costs ~50 µs)
+        boundary = f"=_{random.getrandbits(96):024x}"
         head = (
             f"From: {from_header}\r\n"
             f"To: {format_address(name, to_address)}\r\n"

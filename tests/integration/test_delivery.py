@@ -288,3 +288,21 @@ def test_a_worker_killed_mid_batch_then_rerun_sends_at_most_the_in_flight_messag
     print(f"killed with {before['sending']} rows in 'sending'; sent twice: {len(twice)}")
     assert max(received.values()) <= 2 and len(twice) <= 2  # at most connections x window = 2 x 1
     assert {r.status for r in rows(engine).values()} == {"sent"}
+
+
+def test_large_runs_render_in_a_render_process_with_the_same_outcomes(engine: Engine, config: TriggersConfig, server: LocalSmtpServer, tmp_path: Path) -> None:
+    for path in DEFAULT_TEMPLATES_DIR.glob("cart_abandonment.*"):
+        (tmp_path / path.name).write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    (tmp_path / "cart_abandonment.subject.j2").write_text("{{ recipient.first_name.upper() }}, your cart")
+    people: list[dict[str, Any]] = [{} for _ in range(600)]
+    people[250] = {"first_name": None}  # template error, in the second batch (rendered by the render process)
+    people[300] = {"email": "victim@example.org\r\nBcc: spy@evil.example"}
+    people[350] = {"opted_out": True}
+    ids = seed(engine, config, people)
+    counts = deliver(engine, config, server, templates_dir=tmp_path, batch_size=200, render_processes=1)
+    assert counts == {"sent": 597, "render_failed": 1, "suppressed_invalid_email": 1, "suppressed_opted_out": 1}
+    state = rows(engine)
+    assert state[ids[250]].reason.startswith("template_error: ") and "upper" in state[ids[250]].reason
+    assert (state[ids[300]].reason, state[ids[350]].reason) == ("invalid_email", "opted_out")
+    assert received_ids(server) == Counter({i: 1 for n, i in enumerate(ids) if n not in (250, 300, 350)})
+    assert all(m.rcpt_tos == (state[received].email,) for m, received in zip(server.messages, received_ids(server), strict=False))
