@@ -37,6 +37,7 @@ from sqlalchemy import (
 from include.config import dimension_column
 from include.errors import ConfigError
 
+SQLITE_CACHE_KIB = 256 * 1024
 VALUE_SEPARATOR = "\x1f"  # ASCII unit separator: never in Analytics values; stripped if it were
 
 metadata = MetaData()
@@ -144,6 +145,8 @@ def make_engine(url: str) -> Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")  # durable at each commit in WAL mode
             cursor.execute("PRAGMA busy_timeout=30000")
+            # index updates of large batches thrash the 2 MB default (measured: 2x on 1M events)
+            cursor.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
             cursor.close()
 
     return engine

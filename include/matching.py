@@ -59,7 +59,6 @@ DELIVERY_COLUMNS = (
     "decided_at", "status", "reason", "attempts",
 )
 MC_ID = "mc_id"  # the events column of the mcId field
-SQLITE_CACHE_KIB = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -831,8 +830,6 @@ def match_ready_events(
     counts: dict[str, int] = {"ready": 0, "matched": 0, "unmatched": 0, "pending": 0}
     while True:
         with engine.begin() as conn:
-            if conn.dialect.name == "sqlite":  # index updates of a large batch thrash the 2 MB default
-                conn.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
             events = read_ready_events(conn, config, rules, now=now, interval=interval, limit=batch_size)
             if events.empty:
                 break
