@@ -6,7 +6,7 @@ import json
 import time
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from include.db import events_table, pipeline_runs
@@ -30,13 +30,21 @@ def run_counts(drained: dict[str, Any], matched: dict[str, Any], delivered: dict
     return counts
 
 
-def oldest_unprocessed_age(engine: Engine, now: float) -> float:
-    """Seconds since the oldest journal event still waiting for matching (0 when none);
+def oldest_waiting_received_at(conn: Connection, consumer: str | None = None) -> float | None:
+    """When the oldest journal event still waiting for matching was received (None: none);
     imported events wait for their backfill and are not lag."""
     table = events_table()
+    query = select(func.min(table.c.received_at)).where(table.c.status == "new", table.c.position != IMPORTED_POSITION)
+    if consumer is not None:
+        query = query.where(table.c.consumer == consumer)
+    oldest = conn.execute(query).scalar()
+    return None if oldest is None else float(oldest)
+
+
+def oldest_unprocessed_age(engine: Engine, now: float) -> float:
+    """The lag: seconds since the oldest waiting journal event was received (0 when none)."""
     with engine.connect() as conn:
-        oldest = conn.execute(select(func.min(table.c.received_at))
-                              .where(table.c.status == "new", table.c.position != IMPORTED_POSITION)).scalar()
+        oldest = oldest_waiting_received_at(conn)
     return round(max(0.0, now - oldest), 3) if oldest is not None else 0.0
 
 

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 from sqlalchemy import Connection, Engine, Integer, case, cast, func, inspect, select
 
 from include.db import deliveries, events_table, pipeline_runs, pipeline_state
+from include.run_report import oldest_waiting_received_at
 
 EVENT_STATUSES = ("new", "matched", "unmatched", "ignored", "quarantined")
 PROCESSED_STATUSES = ("matched", "unmatched")
@@ -124,14 +125,13 @@ def _window(conn: Connection, consumer: str, start: float, now: float) -> dict[s
 
 
 def _waiting(conn: Connection, consumer: str) -> tuple[int, float | None]:
-    """Events still ``new`` however old (the purge keeps them) and the oldest one's reception time."""
+    """Events still ``new`` however old (the purge keeps them), and when the oldest journal
+    event among them was received (the lag's start, as the run report counts it)."""
     events = events_table()
-    count, oldest = conn.execute(
-        select(func.count(), func.min(events.c.received_at)).where(
-            events.c.consumer == consumer, events.c.status == "new"
-        )
-    ).one()
-    return int(count), None if oldest is None else float(oldest)
+    count = conn.execute(
+        select(func.count()).where(events.c.consumer == consumer, events.c.status == "new")
+    ).scalar_one()
+    return int(count), oldest_waiting_received_at(conn, consumer)
 
 
 def hour_number(column: Any) -> Any:
