@@ -71,7 +71,10 @@ def main(args: argparse.Namespace) -> int:
         for leftover in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
             leftover.unlink(missing_ok=True)
     db_url = f"sqlite:///{database}"
-    private_key, public_key = create_key_pair(VAR / "keys")
+    keys = VAR / "keys"
+    private_key, public_key = keys / "private.pem", keys / "public.pem"
+    if not (private_key.exists() and public_key.exists()):
+        private_key, public_key = create_key_pair(keys)
     options = SimulatorOptions(public_key_pem=public_key.read_bytes(), events=args.events, people=args.people,
                                malformed_share=0.01, duplicate_share=0.01, time_span=7200.0,
                                start_time=time.time() - 3 * 3600)
