@@ -7,6 +7,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
 
 import requests
 
@@ -28,9 +29,11 @@ BACKOFF_CAP = 30.0
 
 @dataclass(frozen=True)
 class JournalPage:
-    """A 200 answer, body kept as bytes: staging parses it straight into columns."""
+    """A 200 answer, body kept as bytes: staging parses it straight into columns.
+    ``next_position`` is the ``since`` of the server's ``Link: rel="next"``, taken as given."""
 
     body: bytes
+    next_position: str | None = None
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,9 @@ class JournalClient:
         status = response.status_code
         retry_after = _retry_after(response)
         if status == 200:
-            return JournalPage(response.content), None
+            next_url = response.links.get("next", {}).get("url")
+            since = parse_qs(urlsplit(next_url).query).get("since") if next_url else None
+            return JournalPage(response.content, since[0] if since else None), None
         if status == 204:
             return JournalDrained(retry_after or 0.0), None
         if status == 401 or status in TRANSIENT_STATUSES:
