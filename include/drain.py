@@ -43,16 +43,17 @@ class _PageParser:
     def __init__(self, config: TriggersConfig, local: EventParser) -> None:
         self.config, self.local = config, local
         self.pool: ProcessPoolExecutor | None = None
+        self.process_failed = False
         self.pages = 0
 
     def submit(self, body: bytes) -> Future:
         self.pages += 1
         received_at = time.time()
-        if self.pool is None and self.pages > PARSE_PROCESS_AFTER_PAGES:
+        if self.pool is None and self.pages > PARSE_PROCESS_AFTER_PAGES:  # started once
             self.pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"),
                                             initializer=start_parser_process, initargs=(self.config,))
         future: Future = Future()
-        if self.pool is not None:
+        if self.pool is not None and not self.process_failed:
             # the worker needs nothing of the caller's script: hide it so that spawning does not
             # run it again (the first submit starts the process)
             caller_main = sys.modules["__main__"]
@@ -69,8 +70,7 @@ class _PageParser:
     def _settle(self, future: Future, done: Future, body: bytes, received_at: float) -> None:
         if isinstance(done.exception(), BrokenProcessPool):  # the process died: go on without it
             log.warning("the parsing process stopped; parsing in the drain's own process")
-            self.pool = None
-            self.pages = -(10**9)  # never start another in this drain
+            self.process_failed = True
             self._parse_here(future, body, received_at)
         elif done.exception() is not None:
             future.set_exception(done.exception())

@@ -372,3 +372,31 @@ def test_sigkill_in_the_middle_of_a_drain_then_drain_again(key_pair, db_url, tmp
     assert len(after_kill) == len(set(after_kill))
     assert sorted(after_kill) == sorted(expected)
     assert len(expected) < 20_000  # the journal did repeat some events
+
+
+@pytest.mark.parametrize("simulator", [{"events": 2000, "duplicate_share": 0.05, "malformed_share": 0.02}], indirect=True)
+def test_a_long_drain_parses_in_a_second_process_with_the_same_result(simulator, key_pair, engine, tmp_path, monkeypatch,
+                                                                   caplog):
+    import include.drain as drain_module
+
+    started = []
+    real_parser = drain_module._PageParser
+
+    class RecordingParser(real_parser):
+        def submit(self, body):
+            future = super().submit(body)
+            started.append(self.pool is not None and not self.process_failed)
+            return future
+
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setattr(drain_module, "PARSE_PROCESS_AFTER_PAGES", 2)
+    monkeypatch.setattr(drain_module, "_PageParser", RecordingParser)
+    report = drain(engine, config(), ImsAuthenticator(credentials_for(simulator, key_pair)))
+    reference = make_engine(f"sqlite:///{tmp_path / 'reference.db'}")
+    monkeypatch.setattr(drain_module, "_PageParser", real_parser)
+    monkeypatch.setattr(drain_module, "PARSE_PROCESS_AFTER_PAGES", 10**6)
+    drain(reference, config(), ImsAuthenticator(credentials_for(simulator, key_pair)))
+    assert report.drained and sum(started) >= 4  # pages 3..8 went to the parsing process
+    assert "parsing process stopped" not in caplog.text
+    assert sorted(staged_ids(engine)) == sorted(staged_ids(reference))
+    assert stored_position(engine) == stored_position(reference)
