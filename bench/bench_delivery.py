@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------------------------------
 class _SinkProtocol(asyncio.Protocol):
     received = 0
+    ehlo = b"250-sink\r\n250-PIPELINING\r\n250 8BITMIME\r\n"  # as real relays (Postfix, SES...) do
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -66,7 +67,7 @@ class _SinkProtocol(asyncio.Protocol):
             line, self.buffer = self.buffer[:end], self.buffer[end + 2:]
             verb = line[:4].upper()
             if verb == b"EHLO":
-                out.append(b"250-sink\r\n250 8BITMIME\r\n")
+                out.append(self.ehlo)
             elif verb == b"DATA":
                 self.in_data = True
                 out.append(b"354 go ahead\r\n")
@@ -82,7 +83,10 @@ class _SinkProtocol(asyncio.Protocol):
             self.transport.write(b"".join(out))  # type: ignore[attr-defined]
 
 
-def run_sink(port: int) -> None:
+def run_sink(port: int, pipelining: bool) -> None:
+    if not pipelining:
+        _SinkProtocol.ehlo = b"250-sink\r\n250 8BITMIME\r\n"
+
     async def serve() -> None:
         server = await asyncio.get_running_loop().create_server(_SinkProtocol, "127.0.0.1", port)
         print("ready", flush=True)
@@ -92,12 +96,12 @@ def run_sink(port: int) -> None:
     asyncio.run(serve())
 
 
-def start_sink() -> tuple[subprocess.Popen[str], int]:
+def start_sink(pipelining: bool = True) -> tuple[subprocess.Popen[str], int]:
     from include.smtp_server import free_port
 
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "bench.bench_delivery", "--sink", str(port)],
+        [sys.executable, "-m", "bench.bench_delivery", "--sink", str(port), *([] if pipelining else ["--no-pipelining"])],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )
     assert process.stdout is not None and process.stdout.readline().strip() == "ready"
@@ -198,10 +202,11 @@ def main() -> int:
     parser.add_argument("--connections", default="1,2,4", help="connection counts to time, comma-separated")
     parser.add_argument("--repeat", type=int, default=3, help="rounds; the table shows medians")
     parser.add_argument("--window1", action="store_true", help="also time 1 connection with window=1")
+    parser.add_argument("--no-pipelining", action="store_true", help="the sink does not offer PIPELINING (RFC 2920)")
     parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sink:
-        run_sink(args.sink)
+        run_sink(args.sink, not args.no_pipelining)
         return 0
     os.environ.setdefault("TRIGGERS_TEMPLATES", str(ROOT / "include" / "templates"))
     from include.config import load_config
@@ -217,7 +222,7 @@ def main() -> int:
     print(f"{count:,} messages, database {engine.dialect.name}, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f}, sink in its own process, {default_render_processes()} render process(es)", flush=True)
     fill_database(engine, config, count)
-    sink, port = start_sink()
+    sink, port = start_sink(not args.no_pipelining)
     plain: dict[int, list[float]] = {n: [] for n in counts}
     path: dict[int, list[float]] = {n: [] for n in counts}
     ratio: dict[int, list[float]] = {n: [] for n in counts}  # deliver_pending on n / plain on 1, same round

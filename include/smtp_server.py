@@ -4,12 +4,20 @@
 point ``smtp_default`` at it with ``{"conn_type": "smtp", "host": "127.0.0.1", "port": 8025,
 "extra": {"disable_ssl": true, "disable_tls": true}}``.
 
+It offers PIPELINING (RFC 2920) as real relays do (Postfix, Amazon SES...); ``pipelining=False``
+makes it a server that does not.
+
 Faults (all thread-safe, set from the test's thread while the server runs):
-``fail_next(n)`` answers 451 to the next n messages, ``reject(addr)`` answers 550 at RCPT TO
-for that address, ``drop_next(n)`` closes the connection after the next n messages' DATA without
-a reply and without storing them, ``outage_after(n, seconds)`` takes the server down right after
-it stored and acknowledged its n-th message and brings it back on the same port, ``delay`` sleeps
-before each reply (a slow relay). ``stop()`` / ``start()`` restart on the same port.
+``fail_next(n, reply, at)`` answers 451 (or ``reply``; a 421 also closes the connection) to the
+next n messages, after their DATA or at their MAIL FROM or RCPT TO; ``reject(addr)`` answers 550
+at RCPT TO for that address; ``drop_next(n, at)`` closes the connection at the next n messages'
+MAIL FROM, RCPT TO or after their DATA, without a reply and without storing them;
+``outage_after(n, seconds)`` takes the server down right after it stored and acknowledged its n-th
+message and brings it back on the same port; ``delay`` sleeps before each reply (a slow relay).
+``stop()`` / ``start()`` restart on the same port.
+
+What it saw, for the tests: ``messages``, ``replies`` (every reply line it sent) and
+``pipelined_groups`` (reads that brought MAIL FROM and RCPT TO together).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import argparse
 import asyncio
 import logging
 import mailbox
+import re
 import socket
 import threading
 import time
@@ -26,10 +35,13 @@ from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import Any, AnyStr
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+STAGES = ("MAIL", "RCPT", "DATA")  # where a fault strikes; DATA: once the message was received
+_PIPELINED_GROUP = re.compile(rb"(?:^|\r\n)MAIL FROM:[^\r\n]*\r\nRCPT TO:")
 
 
 @dataclass(frozen=True)
@@ -61,9 +73,11 @@ class ReceivedMessage:
 class Faults:
     temp_fail_remaining: int = 0
     temp_fail_reply: str = "451 4.3.0 Temporary local problem, try again later"
+    temp_fail_at: str = "DATA"
     rejected: set[str] = field(default_factory=set)
     reject_reply: str = "550 5.1.1 Mailbox unavailable"
     drop_remaining: int = 0
+    drop_at: str = "DATA"
     outage_at: int | None = None
     outage_seconds: float = 1.0
     delay: float = 0.0
@@ -73,12 +87,45 @@ class _Handler:
     def __init__(self, server: LocalSmtpServer) -> None:
         self.server = server
 
+    async def handle_EHLO(self, smtp: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if self.server.pipelining:  # aiosmtpd reads commands in order from its stream: it can
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
+    def _fault(self, smtp: SMTP, stage: str) -> str | None:
+        """The reply a fault set for ``stage`` gives, if any (under the lock)."""
+        faults = self.server.faults
+        if faults.drop_remaining > 0 and faults.drop_at == stage:
+            faults.drop_remaining -= 1
+            assert smtp.transport is not None
+            smtp.transport.abort()  # no reply at all: the client sees a dropped connection
+            return "421 4.3.2 closing"
+        if faults.temp_fail_remaining > 0 and faults.temp_fail_at == stage:
+            faults.temp_fail_remaining -= 1
+            if faults.temp_fail_reply.startswith("421"):  # closing: once this reply has gone
+                asyncio.get_running_loop().call_soon(smtp.transport.close)  # type: ignore[union-attr]
+            return faults.temp_fail_reply
+        return None
+
+    async def handle_MAIL(self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
+        with self.server._lock:
+            refused = self._fault(smtp, "MAIL")
+        if refused:
+            return refused
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
     async def handle_RCPT(self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
         if self.server._refusing:
             assert smtp.transport is not None
             smtp.transport.abort()
             return "421 4.3.2 going down"
         with self.server._lock:
+            refused = self._fault(smtp, "RCPT")
+            if refused:
+                return refused
             if address.lower() in self.server.faults.rejected:
                 return self.server.faults.reject_reply
         envelope.rcpt_tos.append(address)
@@ -90,15 +137,13 @@ class _Handler:
         if faults.delay:
             await asyncio.sleep(faults.delay)
         with server._lock:
-            if server._refusing or faults.drop_remaining > 0:
-                if not server._refusing:
-                    faults.drop_remaining -= 1
+            if server._refusing:
                 assert smtp.transport is not None
-                smtp.transport.abort()  # no reply at all: the client sees a dropped connection
+                smtp.transport.abort()
                 return "421 4.3.2 closing"
-            if faults.temp_fail_remaining > 0:
-                faults.temp_fail_remaining -= 1
-                return faults.temp_fail_reply
+            refused = self._fault(smtp, "DATA")
+            if refused:
+                return refused
             data = envelope.original_content or envelope.content or b""
             if isinstance(data, str):
                 data = data.encode("utf-8")
@@ -114,6 +159,28 @@ class _Handler:
         if outage:
             threading.Thread(target=server._outage, args=(faults.outage_seconds,), daemon=True).start()
         return f"250 2.0.0 OK queued as {count}"
+
+
+class _RecordingSMTP(SMTP):
+    """aiosmtpd's server, keeping its replies and counting pipelined command groups."""
+
+    def __init__(self, handler: _Handler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.local_server = handler.server
+
+    def data_received(self, data: bytes) -> None:
+        if _PIPELINED_GROUP.search(data):
+            self.local_server.pipelined_groups += 1
+        super().data_received(data)
+
+    async def push(self, status: AnyStr) -> None:
+        self.local_server.replies.append(status if isinstance(status, str) else status.decode("utf-8", "replace"))
+        await super().push(status)
+
+
+class _Controller(Controller):
+    def factory(self) -> SMTP:
+        return _RecordingSMTP(self.handler, **self.SMTP_kwargs)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -132,10 +199,14 @@ class LocalSmtpServer:
         *,
         maildir: str | Path | None = None,
         credentials: tuple[str, str] | None = None,
+        pipelining: bool = True,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
+        self.pipelining = pipelining
         self.messages: list[ReceivedMessage] = []
+        self.replies: list[str] = []
+        self.pipelined_groups = 0
         self.faults = Faults()
         self.credentials = credentials
         self._lock = threading.RLock()
@@ -154,7 +225,7 @@ class LocalSmtpServer:
         if self.credentials:  # plain AUTH on loopback: this server is for tests and the demo only
             warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS", UserWarning)
             kwargs.update(authenticator=self._authenticate, auth_require_tls=False, auth_required=True)
-        controller = Controller(_Handler(self), hostname=self.host, port=self.port, ready_timeout=10, server_kwargs=kwargs)
+        controller = _Controller(_Handler(self), hostname=self.host, port=self.port, ready_timeout=10, server_kwargs=kwargs)
         controller.start()
         self._controller = controller
         return self
@@ -182,9 +253,12 @@ class LocalSmtpServer:
         return AuthResult(success=ok, handled=False)
 
     # -- faults ----------------------------------------------------------------------------
-    def fail_next(self, count: int, reply: str | None = None) -> None:
+    def fail_next(self, count: int, reply: str | None = None, at: str = "DATA") -> None:
+        if at not in STAGES:
+            raise ValueError(f"at must be one of {STAGES}")
         with self._lock:
             self.faults.temp_fail_remaining = count
+            self.faults.temp_fail_at = at
             if reply:
                 self.faults.temp_fail_reply = reply
 
@@ -194,9 +268,12 @@ class LocalSmtpServer:
             if reply:
                 self.faults.reject_reply = reply
 
-    def drop_next(self, count: int) -> None:
+    def drop_next(self, count: int, at: str = "DATA") -> None:
+        if at not in STAGES:
+            raise ValueError(f"at must be one of {STAGES}")
         with self._lock:
             self.faults.drop_remaining = count
+            self.faults.drop_at = at
 
     def outage_after(self, count: int, seconds: float = 1.0) -> None:
         with self._lock:

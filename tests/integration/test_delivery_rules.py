@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import smtplib
 import socket
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from include.delivery import RateLimiter, SmtpSettings, _claim_is_orphaned
+from include.delivery import RateLimiter, SmtpSettings, _claim_is_orphaned, _dot_stuffed
 from include.errors import SmtpUnavailableError
 
 
@@ -46,3 +49,10 @@ def test_a_claim_is_orphaned_only_when_its_worker_is_surely_gone() -> None:
     assert _claim_is_orphaned(live, now - 601, lease=600, now=now)  # lease expired
     assert _claim_is_orphaned(f"run|{host}|{os.getpid()}|not-running", now - 5, lease=600, now=now)  # this process, not a running call
     assert not _claim_is_orphaned("run|other-host|12345|abc", now - 5, lease=600, now=now)  # cannot tell: wait for the lease
+
+
+@given(st.lists(st.sampled_from([b".", b"..", b"\r\n", b"\n", b"a", b" "]), max_size=30).map(b"".join))
+def test_the_data_on_the_wire_is_what_smtplib_would_send(data: bytes) -> None:
+    wire = smtplib._quote_periods(data)  # smtplib.SMTP.data, for bytes
+    wire += (b"" if wire.endswith(b"\r\n") else b"\r\n") + b".\r\n"
+    assert _dot_stuffed(data) == wire
