@@ -78,9 +78,20 @@ def drain_worker(db_url: str, simulator_url: str, private_key: str, fetch_size: 
         technical_account_id=options.technical_account_id, private_key=Path(private_key).read_bytes())
     engine = make_engine(db_url)
     report = drain(engine, config, ImsAuthenticator(credentials))
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kib = peak_rss_kib()
     print(json.dumps({"seconds": report.seconds, "received": report.received, "staged": report.staged,
                       "pages": report.pages, "peak_rss_mib": round(peak_kib / 1024, 1)}))
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident memory. Not ``ru_maxrss``: across fork and exec, Linux
+    carries over the parent's resident size at the fork, so a child of a large process would
+    report the parent's memory (the bench's own, after reading back a million rows)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def raw_insert_seconds(db_url: str, *, indexed: bool, chunk: int = 100_000) -> tuple[float, int]:
@@ -152,7 +163,8 @@ def main() -> None:
                 result = json.loads(run.stdout.strip().splitlines()[-1])
                 rate = result["received"] / result["seconds"]
                 print(f"  {kind:<10} drain {result['received']:,} events in {result['seconds']:.1f} s = "
-                      f"{rate:,.0f} events/s, peak RSS {result['peak_rss_mib']:,.0f} MiB", flush=True)
+                      f"{rate:,.0f} events/s, peak RSS {result['peak_rss_mib']:,.0f} MiB, "
+                      f"load average {os.getloadavg()[0]:.1f}", flush=True)
                 for indexed in (True, False):
                     raw_seconds, raw_rows = raw_insert_seconds(db_url, indexed=indexed)
                     raw_rate = raw_rows / raw_seconds

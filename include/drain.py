@@ -1,22 +1,19 @@
 """Drain the journal into staging: fetch a page, stage it with its position, until 204 or the cap.
 
-The next page is fetched in a background thread while the current one is parsed and stored:
-the network wait overlaps the database write. The position only moves when a page is stored,
-so a prefetched page that is never stored is simply fetched again by the next drain.
+The next page is fetched in a background thread (from the position of the Link header) while
+the current one is parsed, and batches of pages are written by a second thread while the next
+ones download and parse: the network wait, the parsing and the database write overlap. The
+position only moves when a page is stored, so a prefetched page that is never stored is simply
+fetched again by the next drain.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
-from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
-from types import ModuleType
 from urllib.parse import urlsplit
 
 from sqlalchemy import Engine
@@ -25,70 +22,19 @@ from include.auth import ImsAuthenticator
 from include.config import Settings, TriggersConfig, load_config
 from include.db import make_engine
 from include.errors import JournalGoneError
-from include.events import EventParser, ParsedPage, parse_page_in_process, start_parser_process
+from include.events import ParsedPage
 from include.journal import JournalClient, JournalDrained, JournalPage
 from include.staging import Stager
 
 log = logging.getLogger(__name__)
 
-# pages are written in transactions of about this many events (with the last page's position)
-STAGE_BATCH_EVENTS = 5000
-PAGES_IN_FLIGHT = 2  # fetched pages being parsed ahead of the one being counted
-PARSE_PROCESS_AFTER_PAGES = 20  # a backlog this long pays for starting a parsing process (~1 s)
-
-
-class _PageParser:
-    """Parses pages in this thread, then in a second process once the backlog proves large."""
-
-    def __init__(self, config: TriggersConfig, local: EventParser) -> None:
-        self.config, self.local = config, local
-        self.pool: ProcessPoolExecutor | None = None
-        self.process_failed = False
-        self.pages = 0
-
-    def submit(self, body: bytes) -> Future:
-        self.pages += 1
-        received_at = time.time()
-        if self.pool is None and self.pages > PARSE_PROCESS_AFTER_PAGES:  # started once
-            self.pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"),
-                                            initializer=start_parser_process, initargs=(self.config,))
-        future: Future = Future()
-        if self.pool is not None and not self.process_failed:
-            # the worker needs nothing of the caller's script: hide it so that spawning does not
-            # run it again (the first submit starts the process)
-            caller_main = sys.modules["__main__"]
-            sys.modules["__main__"] = ModuleType("__main__")
-            try:
-                remote = self.pool.submit(parse_page_in_process, body, received_at)
-            finally:
-                sys.modules["__main__"] = caller_main
-            remote.add_done_callback(lambda done: self._settle(future, done, body, received_at))
-            return future
-        self._parse_here(future, body, received_at)
-        return future
-
-    def _settle(self, future: Future, done: Future, body: bytes, received_at: float) -> None:
-        if isinstance(done.exception(), BrokenProcessPool):  # the process died: go on without it
-            log.warning("the parsing process stopped; parsing in the drain's own process")
-            self.process_failed = True
-            self._parse_here(future, body, received_at)
-        elif done.exception() is not None:
-            future.set_exception(done.exception())
-        else:
-            future.set_result(done.result())
-
-    def _parse_here(self, future: Future, body: bytes, received_at: float) -> None:
-        try:
-            future.set_result(self.local.parse_page(body, received_at))
-        except Exception as error:  # raised where the page is taken, as from the process
-            future.set_exception(error)
-
-    def __enter__(self) -> _PageParser:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
+# A transaction stores at least STAGE_BATCH_EVENTS events (with the last page's position), and
+# the pages that arrive while the previous one is still being written, up to
+# STAGE_BATCH_MAX_EVENTS: when the database is the bottleneck, fewer and larger commits (on
+# SQLite, 5,000 -> 50,000 events per commit halves the write time: each commit rewrites the
+# key index's pages it touched).
+STAGE_BATCH_EVENTS = 5_000
+STAGE_BATCH_MAX_EVENTS = 50_000
 
 
 @dataclass
@@ -131,6 +77,8 @@ def drain(
     position = stager.position()
     latest = position is None and settings.start_from == "latest"
     batch: list[ParsedPage] = []
+    batch_events = 0
+    writing: Future | None = None
     retries_staged = 0
 
     def stage(pages: list[ParsedPage]) -> None:
@@ -143,8 +91,8 @@ def drain(
         report.duplicates += result.duplicates
 
     def take(page: ParsedPage) -> None:
-        """Count a parsed page and hand full batches to the writer."""
-        nonlocal position, writing, batch
+        """Count a parsed page and hand batches to the writer."""
+        nonlocal position, writing, batch, batch_events
         report.pages += 1
         report.received += page.count
         report.quarantined += page.quarantined
@@ -153,39 +101,35 @@ def drain(
             report.quarantine_reasons[reason] = report.quarantine_reasons.get(reason, 0) + count
         position = page.last_position or position
         batch.append(page)
-        if sum(p.count for p in batch) >= STAGE_BATCH_EVENTS:
+        batch_events += page.count
+        writer_free = writing is None or writing.done()
+        if (batch_events >= STAGE_BATCH_EVENTS and writer_free) or batch_events >= STAGE_BATCH_MAX_EVENTS:
             if writing:
                 writing.result()
-            writing, batch = writer.submit(stage, batch), []
+            writing, batch, batch_events = writer.submit(stage, batch), [], 0
 
-    # Four stages overlap: the next page downloads (from the position of the Link header), pages
-    # are parsed (in a second process once the backlog is large: parsing holds the GIL), and the
-    # previous batch is written (the database calls release the GIL).
-    writing: Future | None = None
-    with ThreadPoolExecutor(1, "journal-prefetch") as prefetcher, ThreadPoolExecutor(1, "staging") as writer, \
-            _PageParser(config, stager.parser) as parser:
+    with ThreadPoolExecutor(1, "journal-prefetch") as prefetcher, ThreadPoolExecutor(1, "staging") as writer:
         fetching: Future | None = None
-        parsing: deque[Future] = deque()
         requested = 0
-        empty_page = False
-        while not empty_page and (max_events is None or requested < max_events):
+        while max_events is None or requested < max_events:
             limit = settings.fetch_size if max_events is None else min(settings.fetch_size, max_events - requested)
             answer = fetching.result() if fetching else _fetch(client, position, limit, latest, stager, settings.on_gone)
-            fetching, latest = None, False
+            fetching = None
             if isinstance(answer, JournalDrained):
                 report.drained = True
+                if latest and answer.next_position:  # where the journal ends: the next drain goes on from there
+                    end = stager.parser.parse_items([], time.time())
+                    end.last_position = position = answer.next_position
+                    stage([end])
                 break
+            latest = False
             requested += limit
             if answer.next_position and (max_events is None or requested < max_events):
                 fetching = prefetcher.submit(client.fetch, answer.next_position, limit)
-            parsing.append(parser.submit(answer.body))
-            # without a Link to follow, settle every page to learn the position to ask for
-            while parsing and (len(parsing) > PAGES_IN_FLIGHT or fetching is None):
-                page = parsing.popleft().result()
-                take(page)
-                empty_page = empty_page or not page.count
-        for future in parsing:
-            take(future.result())
+            page = stager.parser.parse_page(answer.body, time.time())
+            take(page)
+            if not page.count:
+                break
         if fetching is not None:
             fetching.cancel()
         if writing:

@@ -419,20 +419,6 @@ def _joined(data: Any) -> str | None:
     return VALUE_SEPARATOR.join(values) if values else None
 
 
-_process_parser: EventParser | None = None
-
-
-def start_parser_process(config: TriggersConfig) -> None:
-    """Initializer of the drain's parsing process."""
-    global _process_parser
-    _process_parser = EventParser(config)
-
-
-def parse_page_in_process(body: bytes, received_at: float) -> ParsedPage:
-    assert _process_parser is not None, "start_parser_process did not run"
-    return _process_parser.parse_page(body, received_at)
-
-
 def trigger_of(event: Any) -> dict[str, Any]:
     """The trigger object of an event in either form of SPEC section 3 ({} if none)."""
     if not isinstance(event, dict):

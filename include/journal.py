@@ -38,9 +38,11 @@ class JournalPage:
 
 @dataclass(frozen=True)
 class JournalDrained:
-    """A 204 answer: nothing after the position for now."""
+    """A 204 answer: nothing after the position for now. After ``latest=true``, the Link
+    header's ``since`` (``next_position``) is the position of the journal's end."""
 
     retry_after: float
+    next_position: str | None = None
 
 
 class JournalClient:
@@ -116,11 +118,9 @@ class JournalClient:
         status = response.status_code
         retry_after = _retry_after(response)
         if status == 200:
-            next_url = response.links.get("next", {}).get("url")
-            since = parse_qs(urlsplit(next_url).query).get("since") if next_url else None
-            return JournalPage(response.content, since[0] if since else None), None
+            return JournalPage(response.content, _next_position(response)), None
         if status == 204:
-            return JournalDrained(retry_after or 0.0), None
+            return JournalDrained(retry_after or 0.0, _next_position(response)), None
         if status == 401 or status in TRANSIENT_STATUSES:
             return status, retry_after
         detail = response.text[:300].strip()
@@ -134,6 +134,13 @@ class JournalClient:
                 f"position {params.get('since')!r} is older than the journal's retention (410)"
             )
         raise PipelineRequestError(f"the pipeline rejected GET {self.url} {params} ({status} {detail})")
+
+
+def _next_position(response: requests.Response) -> str | None:
+    """The ``since`` of the Link header's ``rel="next"``, taken as given."""
+    next_url = response.links.get("next", {}).get("url")
+    since = parse_qs(urlsplit(next_url).query).get("since") if next_url else None
+    return since[0] if since else None
 
 
 def _retry_after(response: requests.Response) -> float | None:

@@ -374,29 +374,39 @@ def test_sigkill_in_the_middle_of_a_drain_then_drain_again(key_pair, db_url, tmp
     assert len(expected) < 20_000  # the journal did repeat some events
 
 
-@pytest.mark.parametrize("simulator", [{"events": 2000, "duplicate_share": 0.05, "malformed_share": 0.02}], indirect=True)
-def test_a_long_drain_parses_in_a_second_process_with_the_same_result(simulator, key_pair, engine, tmp_path, monkeypatch,
-                                                                   caplog):
+@pytest.mark.parametrize("simulator", [{"events": 3000, "duplicate_share": 0.05, "malformed_share": 0.02}], indirect=True)
+def test_pages_that_arrive_during_a_write_join_the_next_transaction_up_to_a_cap(simulator, key_pair, engine, tmp_path,
+                                                                                monkeypatch):
     import include.drain as drain_module
+    from include.staging import Stager
 
-    started = []
-    real_parser = drain_module._PageParser
+    transactions = []
 
-    class RecordingParser(real_parser):
-        def submit(self, body):
-            future = super().submit(body)
-            started.append(self.pool is not None and not self.process_failed)
-            return future
+    class SlowStager(Stager):
+        def stage(self, page, **kwargs):
+            transactions.append(page.count)
+            time.sleep(0.2)  # a slow database: the next pages arrive meanwhile
+            return super().stage(page, **kwargs)
 
-    caplog.set_level(logging.WARNING)
-    monkeypatch.setattr(drain_module, "PARSE_PROCESS_AFTER_PAGES", 2)
-    monkeypatch.setattr(drain_module, "_PageParser", RecordingParser)
+    monkeypatch.setattr(drain_module, "STAGE_BATCH_EVENTS", 250)
+    monkeypatch.setattr(drain_module, "STAGE_BATCH_MAX_EVENTS", 1000)
+    monkeypatch.setattr(drain_module, "Stager", SlowStager)
     report = drain(engine, config(), ImsAuthenticator(credentials_for(simulator, key_pair)))
+    monkeypatch.setattr(drain_module, "Stager", Stager)
     reference = make_engine(f"sqlite:///{tmp_path / 'reference.db'}")
-    monkeypatch.setattr(drain_module, "_PageParser", real_parser)
-    monkeypatch.setattr(drain_module, "PARSE_PROCESS_AFTER_PAGES", 10**6)
-    drain(reference, config(), ImsAuthenticator(credentials_for(simulator, key_pair)))
-    assert report.drained and sum(started) >= 4  # pages 3..8 went to the parsing process
-    assert "parsing process stopped" not in caplog.text
+    drain(reference, config(fetch_size=3000), ImsAuthenticator(credentials_for(simulator, key_pair)))
+    assert report.drained and sum(transactions) == 3000
+    assert max(transactions) == 1000 and all(count >= 250 for count in transactions[:-1])
     assert sorted(staged_ids(engine)) == sorted(staged_ids(reference))
     assert stored_position(engine) == stored_position(reference)
+
+
+@pytest.mark.parametrize("simulator", [{"events": 500}], indirect=True)
+def test_start_from_latest_keeps_the_end_position_and_goes_on_from_it(simulator, key_pair, engine):
+    authenticator = ImsAuthenticator(credentials_for(simulator, key_pair))
+    first = drain(engine, config(start_from="latest"), authenticator)
+    assert first.drained and first.received == 0 and stored_position(engine) is not None
+    simulator.publish(300)  # published between two drains: not lost
+    second = drain(engine, config(start_from="latest"), authenticator)
+    assert second.drained and second.received == second.staged == 300
+    assert len(staged_ids(engine)) == 300
