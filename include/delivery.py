@@ -363,39 +363,45 @@ def _dot_stuffed(data: bytes) -> bytes:
     return body + (b".\r\n" if body.endswith(b"\r\n") else b"\r\n.\r\n")
 
 
-def _transaction(client: smtplib.SMTP, envelope_from: str, rendered: RenderedEmail) -> tuple[int, bytes]:
-    """One message: the server's reply to its body, or the first refusal.
+_ACCEPTED = ((250,), (250, 251), (354,))  # what MAIL, RCPT and DATA answer when all is well
+
+
+def _transaction(
+    client: smtplib.SMTP, commands: tuple[bytes, bytes, bytes], data: bytes, *, opened: bool = False, following: bytes = b""
+) -> tuple[int, bytes, bool, bool]:
+    """One message: (the reply to its body or the first refusal, whether the body went, whether
+    ``following`` went behind it).
 
     When the server offers PIPELINING (RFC 2920), MAIL, RCPT and DATA go in one write and their
-    three replies are read together (two round trips instead of four); the body goes only once
-    all three were accepted. Otherwise each command waits for its reply.
+    three replies are read together; the body goes only once all three were accepted, with the
+    next message's MAIL, RCPT and DATA (``following``) in the same write: one round trip per
+    message. ``opened``: this message's commands already went that way. Without PIPELINING
+    each command waits for its reply.
     """
     pipelining = client.has_extn("pipelining")
-    # both addresses passed normalize_email: plain ASCII local@domain, nothing to quote
-    commands = (f"MAIL FROM:<{envelope_from}>\r\n".encode("ascii"), f"RCPT TO:<{rendered.envelope_to}>\r\n".encode("ascii"), b"DATA\r\n")
-    if pipelining:
+    if pipelining and not opened:
         client.send(b"".join(commands))
     replies = []
-    for command, accepted in zip(commands, ((250,), (250, 251), (354,)), strict=True):
+    for command, accepted in zip(commands, _ACCEPTED, strict=True):
         if not pipelining:
             client.send(command)
-        replies.append(client.getreply())
-        if replies[-1][0] == 421:  # closing: no further reply will come
-            return replies[-1]
-        if replies[-1][0] not in accepted and not pipelining:
-            return replies[-1]
-    mail, rcpt, data = replies
-    if data[0] == 354:
-        if mail[0] == 250 and rcpt[0] in (250, 251):
-            client.send(_dot_stuffed(rendered.data))
-            return client.getreply()
+        code, message = client.getreply()
+        replies.append((code, message))
+        if code == 421 or (code not in accepted and not pipelining):  # 421: closing, no further reply
+            return code, message, False, False
+    if all(reply[0] in accepted for reply, accepted in zip(replies, _ACCEPTED, strict=True)):
+        chained = pipelining and bool(following)
+        client.send(_dot_stuffed(data) + following if chained else _dot_stuffed(data))
+        code, message = client.getreply()
+        return code, message, True, chained and code != 421
+    if replies[2][0] == 354:
         client.send(b".\r\n")  # RFC 2920 3.1: DATA accepted though no recipient was: end it empty
         client.getreply()
-    for reply in replies:
-        if reply[0] not in (250, 251, 354):
-            return reply
-    client.close()  # DATA answered 2xx: the server is out of step with us
-    raise smtplib.SMTPServerDisconnected(f"DATA answered {data[0]}")
+    for (code, message), accepted in zip(replies, _ACCEPTED, strict=True):
+        if code not in accepted and code >= 400:
+            return code, message, False, False
+    client.close()  # DATA answered neither 354 nor an error: the server is out of step with us
+    raise smtplib.SMTPServerDisconnected(f"DATA answered {replies[2][0]}")
 
 
 class _Delivery:
@@ -645,35 +651,66 @@ class _Delivery:
     def _send_loop(self, index: int) -> None:
         window = threading.Semaphore(self.window)
         client: smtplib.SMTP | None = None
+        held: _Job | None = None  # taken ahead, its window slot acquired: it goes next
+        opened = False  # held's MAIL, RCPT and DATA went behind the previous body
         try:
             while True:
-                job = self.work.get()
-                if job is _STOP:
-                    return
-                if self.fatal:
-                    self._record(_Result(job, "release", "", time.time()))
-                    continue
-                if self.clock() - job.claimed_at > self.lease / 2:  # another run may requeue it soon
-                    self._record(_Result(job, "release", "", time.time()))
-                    continue
-                window.acquire()
-                self.limiter.wait(job.domain)
+                if held is None:
+                    job = self.work.get()
+                    if job is _STOP:
+                        return
+                    if not self._sendable(job):
+                        continue
+                    window.acquire()
+                    self.limiter.wait(job.domain)
+                else:
+                    job, held = held, None
+                following = self._following(window)
                 try:
-                    client, outcome, reply = self._send(client, job)
+                    client, outcome, reply, opened = self._send(client, job, opened=opened, following=following)
                 except SmtpUnavailableError as error:
                     if self._last_sender_down():
                         self.fatal.append(error)
                     else:
                         log.warning("connection %d gives up, the others go on: %s", index, error)
-                    self._record(_Result(job, "release", "", time.time(), window))
+                    for unsent in (job, following):
+                        if unsent is not None:
+                            self._record(_Result(unsent, "release", "", time.time(), window))
                     return
                 self._record(_Result(job, outcome, reply, time.time(), window))
+                held = following
         finally:
             if client is not None:
                 try:
                     client.quit()
                 except (smtplib.SMTPException, OSError):
                     client.close()
+
+    def _sendable(self, job: _Job) -> bool:
+        """False (and the claim released) when the run stops or the claim is too old to use."""
+        if self.fatal or self.clock() - job.claimed_at > self.lease / 2:  # another run may requeue it soon
+            self._record(_Result(job, "release", "", time.time()))
+            return False
+        return True
+
+    def _following(self, window: threading.Semaphore) -> _Job | None:
+        """The next job, if it can go right behind the current body: one is queued already, no
+        rate limit to wait for, a window slot free (taken for it)."""
+        if not self.limiter.unlimited or not window.acquire(blocking=False):
+            return None
+        while True:
+            try:
+                job = self.work.get_nowait()
+            except queue.Empty:
+                job = None
+            if job is _STOP:
+                self.work.put(_STOP)  # nothing is queued after the stops: put back, it still ends the run
+                job = None
+            if job is None:
+                window.release()
+                return None
+            if self._sendable(job):
+                return job
 
     def _last_sender_down(self) -> bool:
         with self.counts_lock:
@@ -713,36 +750,47 @@ class _Delivery:
                 delay = min(delay * 2, 10.0)
         raise AssertionError("unreachable")
 
-    def _send(self, client: smtplib.SMTP | None, job: _Job) -> tuple[smtplib.SMTP | None, str, str]:
-        """(client to reuse, outcome, reply). Dropped connections are retried on a new one."""
-        rendered = job.rendered
-        envelope_from = self.envelope_from or rendered.envelope_from
+    def _commands(self, job: _Job) -> tuple[bytes, bytes, bytes]:
+        """MAIL, RCPT, DATA; both addresses passed normalize_email: ASCII local@domain, nothing to quote."""
+        envelope_from = self.envelope_from or job.rendered.envelope_from
+        return (f"MAIL FROM:<{envelope_from}>\r\n".encode("ascii"),
+                f"RCPT TO:<{job.rendered.envelope_to}>\r\n".encode("ascii"), b"DATA\r\n")
+
+    def _send(self, client: smtplib.SMTP | None, job: _Job, *, opened: bool, following: _Job | None
+              ) -> tuple[smtplib.SMTP | None, str, str, bool]:
+        """(client to reuse, outcome, reply, whether ``following``'s commands went behind the body).
+        ``opened``: ``job``'s commands went behind the previous body. Dropped connections are
+        retried on a new one."""
+        commands = self._commands(job)
+        chained = b"".join(self._commands(following)) if following is not None else b""
         drops = 0
         while True:
             if client is None:
                 client = self._connect()
+                opened = False
             try:
-                code, message = _transaction(client, envelope_from, rendered)
-                if code == 250:
-                    return client, "sent", _reply_text(code, message)
+                code, message, body_sent, chained_sent = _transaction(
+                    client, commands, job.rendered.data, opened=opened, following=chained)
                 reply = _reply_text(code, message)
+                if code == 250 and body_sent:
+                    return client, "sent", reply, chained_sent
                 if code == 421:  # the server is closing this connection
                     client.close()
-                    client = None
-                    return client, "retry", reply
-                try:
-                    client.rset()
-                except smtplib.SMTPServerDisconnected:
-                    client.close()
-                    client = None
-                return client, ("retry" if 400 <= code < 500 else "failed"), reply
+                    return None, "retry", reply, False
+                if not body_sent:  # refused before the body: end the transaction (after it, it has ended)
+                    try:
+                        client.rset()
+                    except smtplib.SMTPServerDisconnected:
+                        client.close()
+                        client = None
+                return client, ("retry" if 400 <= code < 500 else "failed"), reply, chained_sent
             except (smtplib.SMTPServerDisconnected, OSError) as error:
                 client.close()
                 client = None
                 drops += 1
                 self.count("connection_drops")
                 if drops > self.smtp.retry_limit:
-                    return client, "retry", f"connection lost: {type(error).__name__}"
+                    return client, "retry", f"connection lost: {type(error).__name__}", False
                 time.sleep(min(0.1 * 2 ** (drops - 1), 5.0))
 
     # -- recorder --------------------------------------------------------------------------

@@ -16,8 +16,9 @@ MAIL FROM, RCPT TO or after their DATA, without a reply and without storing them
 message and brings it back on the same port; ``delay`` sleeps before each reply (a slow relay).
 ``stop()`` / ``start()`` restart on the same port.
 
-What it saw, for the tests: ``messages``, ``replies`` (every reply line it sent) and
-``pipelined_groups`` (reads that brought MAIL FROM and RCPT TO together).
+What it saw, for the tests: ``messages``, ``replies`` (every reply line it sent), ``reads`` (how
+many reads from its clients) and ``pipelined_groups`` (reads that brought MAIL FROM and RCPT TO
+together).
 """
 
 from __future__ import annotations
@@ -169,6 +170,7 @@ class _RecordingSMTP(SMTP):
         self.local_server = handler.server
 
     def data_received(self, data: bytes) -> None:
+        self.local_server.reads += 1
         if _PIPELINED_GROUP.search(data):
             self.local_server.pipelined_groups += 1
         super().data_received(data)
@@ -206,6 +208,7 @@ class LocalSmtpServer:
         self.pipelining = pipelining
         self.messages: list[ReceivedMessage] = []
         self.replies: list[str] = []
+        self.reads = 0
         self.pipelined_groups = 0
         self.faults = Faults()
         self.credentials = credentials

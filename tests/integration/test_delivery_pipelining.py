@@ -50,46 +50,48 @@ def assert_in_step(server: LocalSmtpServer) -> None:
     assert (server.pipelined_groups > 0) == server.pipelining
 
 
-def test_mail_rcpt_and_data_go_in_one_write_only_when_the_server_offers_pipelining(
+def test_with_pipelining_a_message_costs_one_round_trip_and_without_it_four(
     engine: Engine, config: TriggersConfig, server: LocalSmtpServer
 ) -> None:
     ids = seed(engine, config, [{} for _ in range(5)])
     assert deliver(engine, config, server) == {"sent": 5}
     assert received_ids(server) == Counter({i: 1 for i in ids})
     assert server.pipelined_groups == (5 if server.pipelining else 0)
+    # EHLO, then MAIL+RCPT+DATA, then each body with the next message's MAIL+RCPT+DATA, then QUIT
+    assert server.reads <= 8 if server.pipelining else server.reads >= 4 * 5 + 2
     assert_in_step(server)
     assert connections_opened(server) == 1
 
 
-@pytest.mark.parametrize("stage", ["MAIL", "RCPT"])
-def test_a_4xx_to_the_envelope_sends_no_body_and_is_retried(engine: Engine, config: TriggersConfig, server: LocalSmtpServer, stage: str) -> None:
+@pytest.mark.parametrize("stage", ["MAIL", "RCPT", "DATA"])
+def test_a_4xx_is_retried_and_the_connection_goes_on(engine: Engine, config: TriggersConfig, server: LocalSmtpServer, stage: str) -> None:
     ids = seed(engine, config, [{} for _ in range(3)])
     server.fail_next(1, reply="450 4.2.1 Try again later", at=stage)
     counts = deliver(engine, config, server)
     assert counts == {"sent": 3, "retried": 1}
     assert received_ids(server) == Counter({i: 1 for i in ids})
     assert sorted(r.attempts for r in rows(engine).values()) == [1, 1, 2]
-    if server.pipelining:  # the commands after the refused one were refused in turn, DATA included
+    if server.pipelining and stage != "DATA":  # the commands after the refused one were refused in turn
         assert any(reply.startswith("503") for reply in server.replies)
     assert_in_step(server)
-    assert connections_opened(server) == 1  # RSET, and the same connection goes on
+    assert connections_opened(server) == 1  # after RSET (a refused envelope), or none (a refused body)
 
 
-@pytest.mark.parametrize("stage", ["MAIL", "RCPT"])
-def test_a_5xx_to_the_envelope_fails_that_message_with_its_reply_and_the_others_go_on(
+@pytest.mark.parametrize("stage", ["MAIL", "RCPT", "DATA"])
+def test_a_5xx_fails_that_message_with_its_reply_and_the_others_go_on(
     engine: Engine, config: TriggersConfig, server: LocalSmtpServer, stage: str
 ) -> None:
     ids = seed(engine, config, [{}, {"email": "gone@example.org"}, {}])
-    if stage == "MAIL":
-        server.fail_next(1, reply="553 5.7.1 Sender refused", at="MAIL")
-    else:
+    if stage == "RCPT":
         server.reject("gone@example.org")
+    else:
+        server.fail_next(1, reply="554 5.7.1 Refused", at=stage)
     counts = deliver(engine, config, server)
     assert counts == {"sent": 2, "failed": 1}
     state = rows(engine)
     failed = [r for r in state.values() if r.status == "failed"]
     assert [(r.reason, r.attempts) for r in failed] == [("smtp_rejected", 1)]
-    assert failed[0].smtp_reply.startswith("553 5.7.1" if stage == "MAIL" else "550 5.1.1")
+    assert failed[0].smtp_reply.startswith("550 5.1.1" if stage == "RCPT" else "554 5.7.1")
     assert sum(received_ids(server).values()) == 2 and set(received_ids(server)) < set(ids)
     assert_in_step(server)
     assert connections_opened(server) == 1
