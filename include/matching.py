@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
 import re
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -545,13 +547,20 @@ def decide(
 def _member(conn: Connection, column: str, name: str) -> str:
     """SQL for ``column`` in the list bound as ``name`` (one parameter, any length)."""
     if conn.dialect.name == "postgresql":
-        return f"{column} = ANY(:{name})"
+        return f"{column} = ANY(CAST(:{name} AS text[]))"
     return f"{column} IN (SELECT value FROM json_each(:{name}))"
 
 
-def _values(conn: Connection, values: Iterable[Any]) -> Any:
+def _values(conn: Connection, values: Iterable[Any]) -> str:
+    """The list as one text parameter: a JSON array (SQLite) or an array literal (PostgreSQL),
+    built in C by ``join``: the drivers' own list adapters cost ~5 µs an element."""
     values = list(values)
-    return values if conn.dialect.name == "postgresql" else json.dumps(values)
+    if conn.dialect.name != "postgresql":
+        return json.dumps(values)
+    body = '","'.join(values)
+    if "\\" in body or body.count('"') != 2 * max(len(values) - 1, 0):  # a value holds a quote or backslash
+        body = '","'.join(v.replace("\\", "\\\\").replace('"', '\\"') for v in values)
+    return '{"' + body + '"}' if values else "{}"
 
 
 def _frame(
@@ -606,8 +615,11 @@ def read_ready_events(
     now: float,
     interval: tuple[float, float] | None,
     limit: int,
+    after: tuple[float, str] | None = None,
 ) -> pd.DataFrame:
-    """The next ``limit`` new events whose windows have closed, in (time, event id) order."""
+    """The next ``limit`` new events whose windows have closed, in (time, event id) order, after
+    the (time, event id) ``after`` when given: a run's later batches do not wait for the commit
+    of its earlier ones."""
     per_trigger, default = _holds(rules)
     params: dict[str, Any] = {"now": now, "limit": limit, "default_hold": default}
     cases = []
@@ -629,6 +641,9 @@ def read_ready_events(
     postgres = conn.dialect.name == "postgresql"
     row_key = "ctid::text" if postgres else "rowid"
     tie_order = 'event_id COLLATE "C"' if postgres else "event_id"
+    if after is not None:
+        conditions.append(f"time_gmt >= :after_time AND (time_gmt > :after_time OR {tie_order} > :after_id)")
+        params["after_time"], params["after_id"] = after
     sql = (
         f"SELECT {', '.join([*map(_quoted, columns), row_key])} FROM pipeline_events "
         f"WHERE {' AND '.join(conditions)} "
@@ -646,7 +661,7 @@ def read_recipients(conn: Connection, lookups: dict[str, Iterable[str]], rules: 
     columns = _recipient_columns(rules)
     parts = []
     for column, values in lookups.items():
-        values = sorted({v for v in values if v})
+        values = list({v for v in values if v})
         if values:
             sql = f"SELECT {', '.join(map(_quoted, columns))} FROM recipients WHERE {_member(conn, _quoted(column), 'values')}"
             parts.append(_frame(conn, sql, {"values": _values(conn, values)}, columns))
@@ -715,23 +730,24 @@ def read_cancelling(
 
 
 def read_history(
-    conn: Connection, recipient_ids: Iterable[str], start: float, end: float, exclude_events: Iterable[str] = ()
+    conn: Connection, recipient_ids: Iterable[str], start: float, end: float, not_decided_at: float | None = None
 ) -> pd.DataFrame:
-    """Live decisions already in ``deliveries`` for these recipients with start <= event_time <= end."""
+    """Live decisions in ``deliveries`` for these recipients with start <= event_time <= end
+    (except those taken at ``not_decided_at``: the current run's, which it keeps itself)."""
     columns = ["recipient_id", "campaign_id", "event_time", "event_id"]
-    ids = sorted(set(recipient_ids))
+    ids = list(set(recipient_ids))
     if not ids:
         return _frame_of(columns).astype({"event_time": float})
     statuses = ", ".join(f"'{s}'" for s in LIVE_STATUSES)
+    params: dict[str, Any] = {"ids": _values(conn, ids), "start": start, "end": end}
     sql = (
         f"SELECT {', '.join(columns)} FROM deliveries WHERE {_member(conn, 'recipient_id', 'ids')} "
         f"AND event_time >= :start AND event_time <= :end AND status IN ({statuses})"
     )
-    history = _frame(conn, sql, {"ids": _values(conn, ids), "start": start, "end": end}, columns, floats=("event_time",))
-    excluded = set(exclude_events)
-    if excluded and len(history):
-        history = history[~history["event_id"].isin(excluded).to_numpy(dtype=bool)]
-    return history
+    if not_decided_at is not None:
+        sql += " AND decided_at <> :not_decided_at"
+        params["not_decided_at"] = not_decided_at
+    return _frame(conn, sql, params, columns, floats=("event_time",))
 
 
 def _limit_window(config: TriggersConfig, rules: Sequence[Rule]) -> float:
@@ -751,7 +767,7 @@ def _mark_events(conn: Connection, events: pd.DataFrame, status: str, at: float)
     params: dict[str, Any] = {"status": status, "at": at}
     if "row_key" in events:
         if conn.dialect.name == "postgresql":
-            where, keys = "ctid = ANY(CAST(:keys AS tid[]))", events["row_key"].tolist()
+            where, keys = "ctid = ANY(CAST(:keys AS tid[]))", _values(conn, events["row_key"].tolist())
         else:
             where, keys = "rowid IN (SELECT value FROM json_each(:keys))", json.dumps(events["row_key"].astype(int).tolist())
         if conn.execute(text(statement + where + " AND status = 'new'"), {**params, "keys": keys}).rowcount == len(events):
@@ -769,21 +785,23 @@ def _delivery_rows(decisions: pd.DataFrame, decided_at: float) -> list[tuple[Any
             columns.append([0] * len(decisions))
         elif name == "event_time":
             columns.append(decisions[name].to_numpy(dtype=float).tolist())
-        else:
+        elif name in ("recipient_id", "email", "reason"):  # the columns that can be missing
             values = decisions[name].to_numpy(dtype=object)
             columns.append(np.where(pd.isna(values), None, values).tolist())
+        else:
+            columns.append(decisions[name].to_numpy(dtype=object).tolist())
     return list(zip(*columns, strict=True))
 
 
-def match_batch(
+def decide_batch(
     conn: Connection,
     config: TriggersConfig,
     events: pd.DataFrame,
     rules: Sequence[Rule],
-    reader: AudienceReader | None = None,
+    reader: AudienceReader,
+    run: RunDecisions,
 ) -> pd.DataFrame:
-    """Decide a batch of events and write the decisions and event statuses in ``conn``'s transaction."""
-    reader = reader or AudienceReader(rules)
+    """Decide a batch of events, reading the audience, cancelling events and history in ``conn``."""
     candidates = expand_candidates(events, rules)
     lookups: dict[str, set[str]] = {}
     column_of_rule = {rule.index: rule.column for rule in rules}
@@ -796,18 +814,93 @@ def match_batch(
     cancelling = read_cancelling(conn, config, rules, start, end + max_hold)
     screened = screen(events, audience, cancelling, rules)
     window = _limit_window(config, rules)
-    open_people = screened.loc[screened["reason"].isna().to_numpy(), "recipient_id"].unique().tolist()
-    history = (
-        read_history(conn, open_people, start - window, end + window, events["event_id"].tolist())
-        if window else _frame_of(["recipient_id", "campaign_id", "event_time", "event_id"])
-    )
-    decisions = finish(screened, history, config, rules)
-    decided_at = time.time()
+    history = _frame_of(["recipient_id", "campaign_id", "event_time", "event_id"]).astype({"event_time": float})
+    if window:
+        open_people = screened.loc[screened["reason"].isna().to_numpy(), "recipient_id"].unique()
+        bounds = (start - window, end + window)
+        earlier_runs = read_history(conn, open_people.tolist(), *bounds, not_decided_at=run.decided_at)
+        if len(earlier_runs):  # a decision already taken for one of these events is not history
+            earlier_runs = earlier_runs[~earlier_runs["event_id"].isin(events["event_id"]).to_numpy(dtype=bool)]
+        history = pd.concat([earlier_runs, run.history(open_people, *bounds)], ignore_index=True)
+    return finish(screened, history, config, rules)
+
+
+def write_batch(conn: Connection, events: pd.DataFrame, decisions: pd.DataFrame, decided_at: float) -> None:
+    """The batch's decisions and its events' statuses, in ``conn``'s transaction."""
     bulk_write(conn, deliveries, DELIVERY_COLUMNS, _delivery_rows(decisions, decided_at), conflict="nothing")
     matched = events["event_id"].isin(decisions["event_id"]).to_numpy(dtype=bool)
     _mark_events(conn, events[matched], "matched", decided_at)
     _mark_events(conn, events[~matched], "unmatched", decided_at)
-    return decisions
+
+
+class RunDecisions:
+    """The live decisions of one matching run, for the dedupe and frequency checks of its later
+    batches: those may not be committed yet when the next batch is decided."""
+
+    def __init__(self, decided_at: float) -> None:
+        self.decided_at = decided_at  # every decision of the run carries it
+        self.parts: list[pd.DataFrame] = []
+
+    def add(self, decisions: pd.DataFrame) -> None:
+        live = decisions[(decisions["status"] == "pending").to_numpy(dtype=bool)]
+        self.parts.append(pd.DataFrame({
+            "recipient_id": live["recipient_id"].to_numpy(dtype=object),
+            "campaign_id": live["campaign_id"].to_numpy(dtype=object),
+            "event_time": live["event_time"].to_numpy(dtype=float),
+            "event_id": live["event_id"].to_numpy(dtype=object),
+        }))
+
+    def history(self, recipient_ids: np.ndarray, start: float, end: float) -> pd.DataFrame:
+        if not self.parts:
+            return _frame_of(["recipient_id", "campaign_id", "event_time", "event_id"]).astype({"event_time": float})
+        if len(self.parts) > 1:
+            self.parts = [pd.concat(self.parts, ignore_index=True)]
+        known = self.parts[0]
+        times = known["event_time"].to_numpy(dtype=float)
+        keep = (times >= start) & (times <= end) & known["recipient_id"].isin(recipient_ids).to_numpy(dtype=bool)
+        return known[keep]
+
+
+class _BatchWriter:
+    """Commits each batch (decisions and statuses, one transaction) on a thread of its own, in
+    order, while the next batch is decided: the database's work overlaps pandas'. At most one
+    batch waits; the first error stops the writes and is raised to the caller."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.pending: queue.Queue[tuple[pd.DataFrame, pd.DataFrame, float] | None] = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+        if engine.dialect.name == "postgresql":  # SQLite's writes hold this process's GIL: no gain
+            self.thread = threading.Thread(target=self._loop, name="matching-writer", daemon=True)
+            self.thread.start()
+
+    def submit(self, events: pd.DataFrame, decisions: pd.DataFrame, decided_at: float) -> None:
+        self._raise()
+        if self.thread is None:
+            with self.engine.begin() as conn:
+                write_batch(conn, events, decisions, decided_at)
+        else:
+            self.pending.put((events, decisions, decided_at))
+
+    def close(self) -> None:
+        if self.thread is not None:
+            self.pending.put(None)
+            self.thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _loop(self) -> None:
+        while (batch := self.pending.get()) is not None:
+            if self.error is None:
+                try:
+                    with self.engine.begin() as conn:
+                        write_batch(conn, *batch)
+                except BaseException as error:  # noqa: BLE001 - raised in the caller's thread
+                    self.error = error
 
 
 def match_ready_events(
@@ -827,22 +920,31 @@ def match_ready_events(
     """
     rules = compile_rules(config)
     reader = AudienceReader(rules)
+    run = RunDecisions(decided_at=time.time())
     counts: dict[str, int] = {"ready": 0, "matched": 0, "unmatched": 0, "pending": 0}
-    while True:
-        with engine.begin() as conn:
-            events = read_ready_events(conn, config, rules, now=now, interval=interval, limit=batch_size)
-            if events.empty:
+    after: tuple[float, str] | None = None
+    writer = _BatchWriter(engine)
+    try:
+        while True:
+            with engine.connect() as conn:
+                events = read_ready_events(conn, config, rules, now=now, interval=interval, limit=batch_size, after=after)
+                if events.empty:
+                    break
+                decisions = decide_batch(conn, config, events, rules, reader, run)
+            writer.submit(events, decisions, run.decided_at)
+            run.add(decisions)
+            after = (float(events["time_gmt"].iat[-1]), str(events["event_id"].iat[-1]))
+            matched = decisions["event_id"].nunique()
+            counts["ready"] += len(events)
+            counts["matched"] += matched
+            counts["unmatched"] += len(events) - matched
+            counts["pending"] += int((decisions["status"] == "pending").sum())
+            for reason, number in decisions["reason"].dropna().value_counts().items():
+                counts[f"suppressed_{reason}"] = counts.get(f"suppressed_{reason}", 0) + int(number)
+            if len(events) < batch_size:
                 break
-            decisions = match_batch(conn, config, events, rules, reader)
-        matched = decisions["event_id"].nunique()
-        counts["ready"] += len(events)
-        counts["matched"] += matched
-        counts["unmatched"] += len(events) - matched
-        counts["pending"] += int((decisions["status"] == "pending").sum())
-        for reason, number in decisions["reason"].dropna().value_counts().items():
-            counts[f"suppressed_{reason}"] = counts.get(f"suppressed_{reason}", 0) + int(number)
-        if len(events) < batch_size:
-            break
+    finally:
+        writer.close()
     return counts
 
 
