@@ -26,8 +26,9 @@ a stable ``delivery_id`` (campaign, recipient, event), in the same transaction t
 events ``matched`` (a delivery row, pending or suppressed) or ``unmatched``.
 
 Determinism: events are decided in (time, event id) order and every earlier decision is read
-back from ``deliveries``, so one run over a set of closed events and any sequence of runs that
-sees them in time order (backfill intervals in order; scheduled runs when the matched triggers
+back from ``deliveries`` (a run keeps its own in memory: on PostgreSQL a batch is committed on a
+writer thread while the next one is decided), so one run over a set of closed events and any
+sequence of runs that sees them in time order (backfill intervals in order; scheduled runs when the matched triggers
 share one ``unless`` window) write the same rows. When campaigns hold their events for different
 windows, a later event of a shorter-held campaign can be decided first; the window checks then
 also count that later decision, so the dedupe and frequency guarantees still hold (the earlier
