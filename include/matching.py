@@ -39,11 +39,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import queue
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +57,7 @@ from sqlalchemy import Connection, Engine, text
 from include.config import WILDCARD, Campaign, Condition, TriggersConfig, dimension_column
 from include.db import VALUE_SEPARATOR, bulk_write, deliveries
 from include.events import IMPORTED_POSITION
+from include.spawn import spawn_pool
 
 LIVE_STATUSES = ("pending", "sending", "sent")
 STAGED_STATUSES = ("new", "matched", "unmatched")  # events that can cancel (not quarantined/ignored)
@@ -62,6 +66,7 @@ DELIVERY_COLUMNS = (
     "decided_at", "status", "reason", "attempts",
 )
 MC_ID = "mc_id"  # the events column of the mcId field
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -863,32 +868,60 @@ class RunDecisions:
 
 
 class _BatchWriter:
-    """Commits each batch (decisions and statuses, one transaction) on a thread of its own, in
-    order, while the next batch is decided: the database's work overlaps pandas'. At most one
-    batch waits; the first error stops the writes and is raised to the caller."""
+    """Commits each batch (decisions and statuses, one transaction) in order, while the next batch
+    is decided, so the database's work overlaps pandas': on PostgreSQL from a thread (the server
+    does the work), on SQLite from a second process once a batch is full (SQLite writes in the
+    caller's process and, from a thread, would wait for the GIL at every row). At most two
+    batches wait; the first error stops the writes and is raised to the caller."""
+
+    PROCESS_MIN_EVENTS = 20_000  # a full batch this large pays for starting a process (~1 s)
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.pending: queue.Queue[tuple[pd.DataFrame, pd.DataFrame, float] | None] = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
-        if engine.dialect.name == "postgresql":  # SQLite's writes hold this process's GIL: no gain
+        self.process: ProcessPoolExecutor | None = None
+        self.written: deque[Future[None]] = deque()
+        self.may_spawn = engine.url.database not in (None, "", ":memory:")  # another process sees the file
+        if engine.dialect.name == "postgresql":
             self.thread = threading.Thread(target=self._loop, name="matching-writer", daemon=True)
             self.thread.start()
 
-    def submit(self, events: pd.DataFrame, decisions: pd.DataFrame, decided_at: float) -> None:
+    def submit(self, events: pd.DataFrame, decisions: pd.DataFrame, decided_at: float, full: bool) -> None:
         self._raise()
-        if self.thread is None:
+        if self.thread is not None:
+            self.pending.put((events, decisions, decided_at))
+            return
+        if full and len(events) >= self.PROCESS_MIN_EVENTS and self.process is None and self.may_spawn:
+            try:
+                self.process = spawn_pool(1, _start_writer_process, (str(self.engine.url),))
+            except (OSError, AssertionError, ValueError) as error:  # e.g. a daemonic process may not have children
+                log.warning("matching writes in this process: cannot start a writer process (%s)", error)
+                self.may_spawn = False
+        if self.process is None:
             with self.engine.begin() as conn:
                 write_batch(conn, events, decisions, decided_at)
-        else:
-            self.pending.put((events, decisions, decided_at))
+            return
+        while len(self.written) >= 2:
+            self._settle(self.written.popleft())
+        self.written.append(self.process.submit(_write_in_process, events[["event_id", "row_key"]], decisions, decided_at))
 
     def close(self) -> None:
         if self.thread is not None:
             self.pending.put(None)
             self.thread.join()
+        if self.process is not None:
+            while self.written:
+                self._settle(self.written.popleft())
+            self.process.shutdown()
         self._raise()
+
+    def _settle(self, written: Future[None]) -> None:
+        try:
+            written.result()
+        except BaseException as error:  # noqa: BLE001 - raised in the caller's thread
+            self.error = self.error or error
 
     def _raise(self) -> None:
         if self.error is not None:
@@ -902,6 +935,27 @@ class _BatchWriter:
                         write_batch(conn, *batch)
                 except BaseException as error:  # noqa: BLE001 - raised in the caller's thread
                     self.error = error
+
+
+_WRITER_ENGINE: list[Engine] = []  # the writer process's engine, and whether a write failed
+_WRITER_FAILED: list[BaseException] = []
+
+
+def _start_writer_process(url: str) -> None:
+    from include.db import make_engine
+
+    _WRITER_ENGINE.append(make_engine(url))
+
+
+def _write_in_process(events: pd.DataFrame, decisions: pd.DataFrame, decided_at: float) -> None:
+    if _WRITER_FAILED:  # batches commit in order or not at all
+        raise RuntimeError(f"an earlier batch was not written: {_WRITER_FAILED[0]}")
+    try:
+        with _WRITER_ENGINE[0].begin() as conn:
+            write_batch(conn, events, decisions, decided_at)
+    except BaseException as error:
+        _WRITER_FAILED.append(error)
+        raise
 
 
 def match_ready_events(
@@ -932,7 +986,7 @@ def match_ready_events(
                 if events.empty:
                     break
                 decisions = decide_batch(conn, config, events, rules, reader, run)
-            writer.submit(events, decisions, run.decided_at)
+            writer.submit(events, decisions, run.decided_at, full=len(events) == batch_size)
             run.add(decisions)
             after = (float(events["time_gmt"].iat[-1]), str(events["event_id"].iat[-1]))
             matched = decisions["event_id"].nunique()

@@ -10,7 +10,7 @@ from sqlalchemy import Engine, text
 
 from include.config import dimension_column, parse_config
 from include.db import VALUE_SEPARATOR, bulk_write, ensure_schema, recipients
-from include.matching import AudienceReader, match_ready_events, still_eligible
+from include.matching import AudienceReader, _BatchWriter, match_ready_events, still_eligible
 
 T0 = 1_767_225_600.0
 MINUTE, HOUR = 60.0, 3600.0
@@ -167,6 +167,41 @@ def test_small_batches_and_either_way_of_reading_the_audience_decide_the_same(
         monkeypatch.setattr(AudienceReader, "FULL_READ_FACTOR", factor)
         match_ready_events(staged, CONFIG, now=T0 + HOUR, batch_size=2)
         pd.testing.assert_frame_equal(deliveries_of(staged), expected)
+
+
+def test_batches_written_beside_the_next_decision_write_what_inline_writes(
+    staged: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    match_ready_events(staged, CONFIG, now=T0 + HOUR)  # one batch, written in this thread
+    expected, expected_statuses = deliveries_of(staged), statuses(staged)
+    with staged.begin() as conn:
+        conn.execute(text("DELETE FROM deliveries"))
+        conn.execute(text("UPDATE pipeline_events SET status = 'new'"))
+    monkeypatch.setattr(_BatchWriter, "PROCESS_MIN_EVENTS", 1)  # SQLite: a writer process; PostgreSQL: a thread
+    match_ready_events(staged, CONFIG, now=T0 + HOUR, batch_size=2)
+    pd.testing.assert_frame_equal(deliveries_of(staged), expected)
+    assert statuses(staged) == expected_statuses
+
+
+def test_a_batch_that_cannot_be_written_stops_the_run_and_nothing_after_it_is_written(
+    staged: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with staged.begin() as conn:  # the database refuses browse-2's decision
+        if staged.dialect.name == "postgresql":
+            conn.execute(text(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN IF NEW.event_id = 'browse-2' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$"))
+            conn.execute(text("CREATE TRIGGER refuse BEFORE INSERT ON deliveries FOR EACH ROW EXECUTE FUNCTION refuse()"))
+        else:
+            conn.execute(text("CREATE TRIGGER refuse BEFORE INSERT ON deliveries WHEN NEW.event_id = 'browse-2' "
+                              "BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+    monkeypatch.setattr(_BatchWriter, "PROCESS_MIN_EVENTS", 1)
+    with pytest.raises(Exception, match="refused"):
+        match_ready_events(staged, CONFIG, now=T0 + HOUR, batch_size=2)
+    # in time order: cart-1 and cart-2, then browse-2 with browse-3 (refused): nothing after is written
+    decided = statuses(staged)
+    assert {e for e, s in decided.items() if s != "new"} == {"cart-1", "cart-2"}
+    assert set(deliveries_of(staged)["event_id"]) == {"cart-1", "cart-2"}
 
 
 def test_split_runs_on_this_database_write_what_one_run_writes(engine: Engine) -> None:
