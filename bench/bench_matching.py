@@ -6,7 +6,8 @@ The events (cart 45 %, browse 40 %, purchase 15 %, over N people of whom 5 % are
 the recipients are written with db.bulk_write first (not timed). Then a fresh process runs
 ``match_ready_events`` with every window closed (reads, decisions and writes included) and
 another process times a bare pandas merge of the same two frames; each reports its time and
-its own peak RSS (with its writer process's on SQLite). Goal: 1,000,000 events in under 30 s (over 33,000 events/s), peak RSS < 2 GiB.
+its own peak RSS (with its writer process's on SQLite). Goal: 1,000,000 events in under 30 s
+(over 33,000 events/s), peak RSS < 2 GiB.
 PostgreSQL: TRIGGERS_BENCH_PG_URL (default the local server, user postgres).
 """
 
