@@ -39,7 +39,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -69,6 +69,7 @@ _TRUE = {"1", "true", "yes", "on"}
 RECORD_LINGER = 0.005  # seconds a result may wait for others to share its commit (window > 1)
 SWITCH_INTERVAL = 0.0001  # GIL hand-over while sending: a thread whose reply arrived waits less
 RENDER_POOL_MIN_ROWS = 200  # a full batch at least this big starts the render process(es)
+RENDER_PART = 200  # rows rendered, claimed and queued together: the first are sent while the next render
 
 
 def _flag(value: Any) -> bool:
@@ -427,9 +428,9 @@ class _Delivery:
         # get cost a tenth of Queue's, which matters at one of each per message
         self.work: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.results: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        # the next batch is claimed once fewer than this many jobs wait (its rendering is then off
-        # this process while the queued ones are sent)
-        self.queue_ahead = max(self.batch_size, 2 * self.connections * self.window)
+        # the next batch is prepared once fewer than this many jobs wait (its rendering is then
+        # off this process while the queued ones are sent)
+        self.queue_ahead = max(2 * self.batch_size, 2 * self.connections * self.window)
         # a commit costs about the same whatever its size: the recorder lets a group of half the
         # windows form (the senders go on meanwhile) and a sender wakes it once one has formed
         self.group = max(1, self.connections * self.window // 2) if self.window > 1 else 1
@@ -508,11 +509,12 @@ class _Delivery:
                     return
                 self._sleep(max(0.01, wait))
                 continue
-            for job in self._prepare(rows, limit):
-                if self.fatal or self.alive_senders <= 0:
-                    self._record(_Result(job, "release", "", time.time()))
-                else:
-                    self.work.put(job)  # a job queued after the last sender stopped is released by run()
+            for jobs in self._prepare(rows, limit):
+                for job in jobs:
+                    if self.fatal or self.alive_senders <= 0:
+                        self._record(_Result(job, "release", "", time.time()))
+                    else:
+                        self.work.put(job)  # a job queued after the last sender stopped is released by run()
 
     def _wait_for_room(self) -> None:
         while self.work.qsize() >= self.queue_ahead and not self.fatal and self.alive_senders > 0:
@@ -572,30 +574,35 @@ class _Delivery:
             return None
         return self.render_pool
 
-    def _render_async(self, rows: list[dict[str, Any]], limit: int) -> Callable[[], list[_Rendered]]:
-        """Start rendering ``rows``; the returned function waits for the results (in row order)."""
+    def _render_parts(self, rows: list[dict[str, Any]], limit: int) -> Iterator[tuple[list[dict[str, Any]], list[_Rendered]]]:
+        """Start rendering ``rows`` (in the render processes, if any, right away); the iterator
+        yields (rows, their results) part by part, in order, each as soon as it is ready, so that
+        the first part is sent while the next renders."""
+        parts = [rows[i:i + RENDER_PART] for i in range(0, len(rows), RENDER_PART)]
         pool = self._pool_for(len(rows), limit)
-        if pool is None or not rows:
-            results = self.row_renderer.render_rows(rows)
-            return lambda: results
-        size = -(-len(rows) // self.render_processes)
-        futures: list[Future[list[_Rendered]]] = [pool.submit(_render_in_worker, rows[i:i + size]) for i in range(0, len(rows), size)]
+        if pool is None:
+            return ((part, self.row_renderer.render_rows(part)) for part in parts)
+        futures: list[Future[list[_Rendered]]] = [pool.submit(_render_in_worker, part) for part in parts]
+        return self._rendered_parts(pool, parts, futures)
 
-        def wait() -> list[_Rendered]:
+    def _rendered_parts(self, pool: ProcessPoolExecutor, parts: list[list[dict[str, Any]]], futures: list[Future[list[_Rendered]]]
+                        ) -> Iterator[tuple[list[dict[str, Any]], list[_Rendered]]]:
+        for i, (part, future) in enumerate(zip(parts, futures, strict=True)):
             try:
-                return [item for future in futures for item in future.result()]
+                results = future.result()
             except BrokenProcessPool as error:  # a render process died: go on without them
                 log.warning("rendering in this process: a render process stopped (%s)", error)
                 self.render_pool = None
                 self.render_processes = 0
                 pool.shutdown(wait=False, cancel_futures=True)
-                return self.row_renderer.render_rows(rows)
+                for rest in parts[i:]:
+                    yield rest, self.row_renderer.render_rows(rest)
+                return
+            yield part, results
 
-        return wait
-
-    def _prepare(self, rows: list[dict[str, Any]], limit: int) -> list[_Job]:
-        """Render (in the render processes while eligibility is re-checked here), then in one
-        transaction: suppress, fail, claim the rest."""
+    def _prepare(self, rows: list[dict[str, Any]], limit: int) -> Iterator[list[_Job]]:
+        """Render (in the render processes while eligibility is re-checked here); then for each
+        rendered part, in one transaction: suppress, fail, claim the rest; yields the claimed jobs."""
         closed: list[dict[str, Any]] = []  # status changes that are not a claim
         known = []
         for row in rows:
@@ -603,38 +610,49 @@ class _Delivery:
                 known.append(row)
             else:
                 closed.append({"id": row["delivery_id"], "status": "suppressed", "reason": "unknown_campaign"})
-        wait_for_render = self._render_async(known, limit)
+        parts = self._render_parts(known, limit)
         with self.engine.connect() as conn:
-            eligibility = recheck_eligibility(conn, self.config, known)
-        rendered: dict[str, RenderedEmail] = {}
-        for row, outcome, reason in zip(known, wait_for_render(), eligibility, strict=True):
-            delivery_id = row["delivery_id"]
-            if isinstance(outcome, RenderedEmail):
-                if reason is None:
-                    rendered[delivery_id] = outcome
+            eligibility = dict(zip((row["delivery_id"] for row in known), recheck_eligibility(conn, self.config, known), strict=True))
+        if not known:
+            self._claim({}, {}, closed)
+        for part, outcomes in parts:
+            rendered: dict[str, RenderedEmail] = {}
+            for row, outcome in zip(part, outcomes, strict=True):
+                delivery_id = row["delivery_id"]
+                reason = eligibility[delivery_id]
+                if isinstance(outcome, RenderedEmail):
+                    if reason is None:
+                        rendered[delivery_id] = outcome
+                    else:
+                        closed.append({"id": delivery_id, "status": "suppressed", "reason": reason})
+                elif outcome[0] == "invalid_email":
+                    closed.append({"id": delivery_id, "status": "suppressed", "reason": "invalid_email"})
                 else:
-                    closed.append({"id": delivery_id, "status": "suppressed", "reason": reason})
-            elif outcome[0] == "invalid_email":
-                closed.append({"id": delivery_id, "status": "suppressed", "reason": "invalid_email"})
-            else:
-                closed.append({"id": delivery_id, "status": "failed", "reason": f"template_error: {outcome[1]}"[:500]})
+                    closed.append({"id": delivery_id, "status": "failed", "reason": f"template_error: {outcome[1]}"[:500]})
+            attempts = {row["delivery_id"]: int(row["attempts"]) + 1 for row in part}
+            yield self._claim(rendered, attempts, closed)
+            closed = []
+
+    def _claim(self, rendered: dict[str, RenderedEmail], attempts: dict[str, int], closed: list[dict[str, Any]]) -> list[_Job]:
+        """In one transaction: record the suppressed and failed rows, claim the rendered ones."""
         now = self.clock()
-        with self.engine.begin() as conn:
-            if closed:
-                conn.execute(
-                    text("UPDATE deliveries SET status = :status, reason = :reason "
-                         "WHERE delivery_id = :id AND status = 'pending'"),
-                    [{"id": c["id"], "status": c["status"], "reason": c["reason"]} for c in closed],
-                )
-            claimed: set[str] = set()
-            if rendered:
-                result = conn.execute(
-                    update(deliveries)
-                    .where(deliveries.c.status == "pending", deliveries.c.delivery_id.in_(list(rendered)))
-                    .values(status="sending", claimed_by=self.run_token, claimed_at=now, attempts=deliveries.c.attempts + 1)
-                    .returning(deliveries.c.delivery_id)
-                )
-                claimed = set(result.scalars())
+        claimed: set[str] = set()
+        if closed or rendered:
+            with self.engine.begin() as conn:
+                if closed:
+                    conn.execute(
+                        text("UPDATE deliveries SET status = :status, reason = :reason "
+                             "WHERE delivery_id = :id AND status = 'pending'"),
+                        [{"id": c["id"], "status": c["status"], "reason": c["reason"]} for c in closed],
+                    )
+                if rendered:
+                    result = conn.execute(
+                        update(deliveries)
+                        .where(deliveries.c.status == "pending", deliveries.c.delivery_id.in_(list(rendered)))
+                        .values(status="sending", claimed_by=self.run_token, claimed_at=now, attempts=deliveries.c.attempts + 1)
+                        .returning(deliveries.c.delivery_id)
+                    )
+                    claimed = set(result.scalars())
         for change in closed:
             key = change["status"] if change["status"] != "suppressed" else f"suppressed_{change['reason'].split(':')[0]}"
             self.count("render_failed" if change["reason"].startswith("template_error") else key)
@@ -642,7 +660,6 @@ class _Delivery:
         with self.counts_lock:
             self.outstanding += len(claimed)
         self.count("lost_claim_race", len(rendered) - len(claimed))
-        attempts = {row["delivery_id"]: int(row["attempts"]) + 1 for row in rows}
         jobs = [_Job(d, rendered[d], attempts[d], now, rendered[d].envelope_to.rpartition("@")[2])
                 for d in rendered if d in claimed]
         return _interleave_domains(jobs)
