@@ -45,7 +45,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -147,17 +147,21 @@ def _text(values: pd.Series) -> pd.Series:
 # --- dimension values -----------------------------------------------------------------------
 
 
+def _each(function: Callable[[str], Any], values: pd.Series) -> list[Any]:
+    """``function`` of each text: a comprehension is ~10x pandas' ``.str`` on object columns."""
+    return [function(value) for value in values.tolist()]
+
+
+def _last_of(value: str) -> str:
+    if VALUE_SEPARATOR not in value:
+        return value.strip()
+    return next((part.strip() for part in reversed(value.split(VALUE_SEPARATOR)) if part.strip()), "")
+
+
 def last_value(values: pd.Series) -> pd.Series:
     """The identity in a dimension column: its last non-empty value, stripped; '' when none."""
     values = _text(values)
-    multi = values.str.contains(VALUE_SEPARATOR, regex=False).to_numpy(dtype=bool)
-    stripped = np.array(values.str.strip(), dtype=object)
-    if multi.any():  # rare: a loop over those rows only
-        stripped[multi] = [
-            next((part.strip() for part in reversed(value.split(VALUE_SEPARATOR)) if part.strip()), "")
-            for value in values[multi].tolist()
-        ]
-    return _objects(stripped, values.index)
+    return _objects(_each(_last_of, values), values.index)
 
 
 def _exploded(values: pd.Series) -> pd.Series:
@@ -175,15 +179,17 @@ def _value_test(values: pd.Series, condition: Condition) -> np.ndarray:
     """Per single value: does it satisfy the condition (for ``ne``: does it equal the value)."""
     op, target = condition.op, condition.value
     if op == "exists":
-        result = values.str.strip() != ""
+        return np.array(_each(str.strip, values), dtype=bool)
     elif op in ("eq", "ne"):
         result = values == _as_text(target)
     elif op == "in":
         result = values.isin([_as_text(v) for v in target])
     elif op == "startswith":
-        result = values.str.startswith(_as_text(target))
+        prefix = _as_text(target)
+        return np.array(_each(lambda value: value.startswith(prefix), values), dtype=bool)
     elif op == "contains":
-        result = values.str.contains(_as_text(target), regex=False)
+        part = _as_text(target)
+        return np.array(_each(lambda value: part in value, values), dtype=bool)
     else:
         numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
         bound = float(target)
@@ -195,7 +201,7 @@ def _value_test(values: pd.Series, condition: Condition) -> np.ndarray:
 def condition_holds(values: pd.Series, condition: Condition) -> pd.Series:
     """Whether a ``where`` condition holds for each row of a dimension column (any value)."""
     values = _text(values)
-    multi = values.str.contains(VALUE_SEPARATOR, regex=False).to_numpy(dtype=bool)
+    multi = np.array(_each(lambda value: VALUE_SEPARATOR in value, values), dtype=bool)
     any_value = _value_test(values, condition)
     if multi.any():
         exploded = _exploded(values[multi])
@@ -340,7 +346,7 @@ def audience_reasons(candidates: pd.DataFrame) -> pd.Series:
     email = _text(candidates["email"])
     reasons = np.full(len(candidates), None, dtype=object)
     reasons[~email_is_valid(email).to_numpy(dtype=bool)] = "invalid_email"
-    reasons[(email.str.strip() == "").to_numpy(dtype=bool)] = "no_email"
+    reasons[~np.array(_each(str.strip, email), dtype=bool)] = "no_email"
     reasons[candidates["opted_out"].fillna(False).to_numpy(dtype=bool)] = "opted_out"
     reasons[pd.isna(candidates["recipient_id"]).to_numpy()] = "unknown_recipient"
     reasons[(_text(candidates["identity"]) == "").to_numpy(dtype=bool)] = "missing_identity"
