@@ -57,7 +57,7 @@ from sqlalchemy import Connection, Engine, text
 from include.config import WILDCARD, Campaign, Condition, TriggersConfig, dimension_column
 from include.db import VALUE_SEPARATOR, bulk_write, deliveries
 from include.events import IMPORTED_POSITION
-from include.spawn import spawn_pool
+from include.runtime import collector_paused, spawn_pool
 
 LIVE_STATUSES = ("pending", "sending", "sent")
 STAGED_STATUSES = ("new", "matched", "unmatched")  # events that can cancel (not quarantined/ignored)
@@ -957,7 +957,7 @@ def _write_in_process(events: pd.DataFrame, decisions: pd.DataFrame, decided_at:
     if _WRITER_FAILED:  # batches commit in order or not at all
         raise RuntimeError(f"an earlier batch was not written: {_WRITER_FAILED[0]}")
     try:
-        with _WRITER_ENGINE[0].begin() as conn:
+        with collector_paused(), _WRITER_ENGINE[0].begin() as conn:
             write_batch(conn, events, decisions, decided_at)
     except BaseException as error:
         _WRITER_FAILED.append(error)
@@ -986,24 +986,25 @@ def match_ready_events(
     after: tuple[float, str] | None = None
     writer = _BatchWriter(engine)
     try:
-        while True:
-            with engine.connect() as conn:
-                events = read_ready_events(conn, config, rules, now=now, interval=interval, limit=batch_size, after=after)
-                if events.empty:
+        with collector_paused():  # the batches' row tuples are garbage only when dropped
+            while True:
+                with engine.connect() as conn:
+                    events = read_ready_events(conn, config, rules, now=now, interval=interval, limit=batch_size, after=after)
+                    if events.empty:
+                        break
+                    decisions = decide_batch(conn, config, events, rules, reader, run)
+                writer.submit(events, decisions, run.decided_at, full=len(events) == batch_size)
+                run.add(decisions)
+                after = (float(events["time_gmt"].iat[-1]), str(events["event_id"].iat[-1]))
+                matched = decisions["event_id"].nunique()
+                counts["ready"] += len(events)
+                counts["matched"] += matched
+                counts["unmatched"] += len(events) - matched
+                counts["pending"] += int((decisions["status"] == "pending").sum())
+                for reason, number in decisions["reason"].dropna().value_counts().items():
+                    counts[f"suppressed_{reason}"] = counts.get(f"suppressed_{reason}", 0) + int(number)
+                if len(events) < batch_size:
                     break
-                decisions = decide_batch(conn, config, events, rules, reader, run)
-            writer.submit(events, decisions, run.decided_at, full=len(events) == batch_size)
-            run.add(decisions)
-            after = (float(events["time_gmt"].iat[-1]), str(events["event_id"].iat[-1]))
-            matched = decisions["event_id"].nunique()
-            counts["ready"] += len(events)
-            counts["matched"] += matched
-            counts["unmatched"] += len(events) - matched
-            counts["pending"] += int((decisions["status"] == "pending").sum())
-            for reason, number in decisions["reason"].dropna().value_counts().items():
-                counts[f"suppressed_{reason}"] = counts.get(f"suppressed_{reason}", 0) + int(number)
-            if len(events) < batch_size:
-                break
     finally:
         writer.close()
     return counts

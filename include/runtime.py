@@ -1,11 +1,13 @@
-"""Worker processes started with ``spawn``, from any caller."""
+"""Process-level helpers: worker processes started with ``spawn``, the garbage collector paused."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
@@ -26,3 +28,16 @@ def spawn_pool(workers: int, initializer: Callable[..., None], initargs: tuple[A
     finally:
         sys.modules["__main__"] = caller_main
     return pool
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: code that builds millions of short-lived containers
+    (row tuples) would trigger full collections that scan them all and free nothing."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
