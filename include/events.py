@@ -11,7 +11,6 @@ generic path, which decides its quarantine reason: both paths give the same row.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import re
@@ -25,6 +24,7 @@ import msgspec
 from include.config import TriggersConfig, dimension_column
 from include.db import VALUE_SEPARATOR
 from include.errors import PipelineRequestError
+from include.runtime import collector_paused
 
 PIPELINE_MESSAGE = "com.adobe.mcloud.pipeline.pipelineMessage"
 TRIGGER = "com.adobe.mcloud.protocol.trigger"
@@ -85,9 +85,7 @@ class EventParser:
         Each event's payload is sliced from the body as sent, not re-serialised: that is both
         the raw message and its exact size, at no cost.
         """
-        gc_was_enabled = gc.isenabled()
-        gc.disable()  # a page allocates thousands of containers that all die together
-        try:
+        with collector_paused():  # a page allocates thousands of containers that all die together
             try:
                 journal_page = _PAGE.decode(body)
                 page = self._columns(self._read_raw(journal_page.events), len(journal_page.events), received_at)
@@ -97,9 +95,6 @@ class EventParser:
             if last is not None:
                 page.last_position = str(last)
             return page
-        finally:
-            if gc_was_enabled:
-                gc.enable()
 
     def _parse_page_generic(self, body: bytes, received_at: float) -> ParsedPage:
         try:
