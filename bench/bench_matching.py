@@ -20,6 +20,7 @@ import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -171,8 +172,34 @@ def prepare(url: str, events: int) -> None:
     engine.dispose()
 
 
-def _peak_rss_mib(who: int = resource.RUSAGE_SELF) -> float:
-    return resource.getrusage(who).ru_maxrss / 1024.0  # kilobytes on Linux
+def _peak_rss_mib() -> float:
+    """This process's own peak (VmHWM): ru_maxrss would carry the parent's memory over the fork."""
+    return _status_kib("self", "VmHWM") / 1024.0
+
+
+def _status_kib(pid: int | str, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith(f"{field}:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if pid == "self" else 0
+
+
+def _children_peak_kib(stop: threading.Event, peak: list[int]) -> None:
+    """Sample the resident memory of this process's children (SQLite's writer) every 0.1 s."""
+    me = os.getpid()
+    while not stop.wait(0.1):
+        total = 0
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as stat:
+                        parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                if parent == me:
+                    total += _status_kib(entry, "VmRSS")
+        peak[0] = max(peak[0], total)
 
 
 def run_matching(url: str, queue: multiprocessing.Queue) -> None:
@@ -182,13 +209,17 @@ def run_matching(url: str, queue: multiprocessing.Queue) -> None:
 
     config = parse_config(CONFIG)
     engine = make_engine(url)
+    stop, children = threading.Event(), [0]
+    sampler = threading.Thread(target=_children_peak_kib, args=(stop, children), daemon=True)
+    sampler.start()
     started = time.perf_counter()
     counts = match_ready_events(engine, config, now=T0 + 3 * 86_400.0)
     seconds = time.perf_counter() - started
+    stop.set()
+    sampler.join()
     engine.dispose()
-    # SQLite's batches are written by a child process: its peak is added (an upper bound)
-    rss = _peak_rss_mib() + _peak_rss_mib(resource.RUSAGE_CHILDREN)
-    queue.put({"seconds": seconds, "rss_mib": rss, "counts": counts})
+    # SQLite's batches are written by a child process: its sampled peak is added (an upper bound)
+    queue.put({"seconds": seconds, "rss_mib": _peak_rss_mib() + children[0] / 1024.0, "counts": counts})
 
 
 def run_merge(events: int, queue: multiprocessing.Queue) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import multiprocessing
 import os
 import queue
 import re
@@ -60,6 +59,7 @@ from include.render import (
     normalize_email,
     unsubscribe_url_for,
 )
+from include.runtime import spawn_pool
 
 log = logging.getLogger(__name__)
 
@@ -296,10 +296,6 @@ def _start_render_worker(*settings: Any) -> None:
 
 def _render_in_worker(rows: list[dict[str, Any]]) -> list[_Rendered]:
     return _WORKER_RENDERER[0].render_rows(rows)
-
-
-def _ready() -> bool:
-    return True
 
 
 def default_render_processes() -> int:
@@ -562,12 +558,10 @@ class _Delivery:
         if self.render_pool is None and self.render_processes > 0 and rows >= max(limit, RENDER_POOL_MIN_ROWS):
             try:
                 renderer = self.row_renderer
-                self.render_pool = ProcessPoolExecutor(
-                    self.render_processes, mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_start_render_worker,
-                    initargs=(self.templates_dir, renderer.renderer.unsubscribe_mailto, renderer.unsubscribe_url, self.campaigns),
+                self.render_pool = spawn_pool(  # they start while this batch is rendered here
+                    self.render_processes, _start_render_worker,
+                    (self.templates_dir, renderer.renderer.unsubscribe_mailto, renderer.unsubscribe_url, self.campaigns),
                 )
-                self.render_pool.submit(_ready)  # starts them while this batch is rendered here
             except (OSError, AssertionError, ValueError) as error:  # e.g. a daemonic process may not have children
                 log.warning("rendering in this process: cannot start render processes (%s)", error)
                 self.render_processes = 0
