@@ -8,6 +8,7 @@ joined by ``VALUE_SEPARATOR`` in hit order.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -191,6 +192,14 @@ def _fill_dimension_columns(conn: Connection, table: Table, names: Sequence[str]
                 updates.append({"_event_id": event_id, **{f"_{dimension_column(n)}": v for n, v in zip(names, values, strict=True)}})
         if updates:
             conn.execute(statement, updates)
+
+
+def driver_sql(bind: Connection | Engine, sql: str) -> str:
+    """``sql`` with its ``:name`` parameters in the driver's style, for the DBAPI cursor or
+    ``exec_driver_sql``: psycopg takes ``%(name)s``, sqlite3 ``:name`` as it is (``::`` casts stay)."""
+    if bind.dialect.name == "postgresql":
+        return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql)
+    return sql
 
 
 def bulk_write(

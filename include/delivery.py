@@ -29,7 +29,6 @@ import itertools
 import logging
 import os
 import queue
-import re
 import smtplib
 import socket
 import ssl
@@ -48,7 +47,7 @@ from typing import Any
 from sqlalchemy import Engine, text, update
 
 from include.config import TriggersConfig
-from include.db import deliveries, ensure_schema, recipients
+from include.db import deliveries, driver_sql, ensure_schema, recipients
 from include.errors import InvalidEmailError, SmtpUnavailableError, TemplateRenderError
 from include.render import (
     DEFAULT_UNSUBSCRIBE_URL,
@@ -333,13 +332,6 @@ _RECORDED = {  # a result's outcome -> what its row becomes
 }
 
 
-def _driver_sql(engine: Engine, sql: str) -> str:
-    """``sql`` with its ``:name`` parameters in the driver's style, for ``exec_driver_sql``."""
-    if engine.dialect.name == "postgresql":  # psycopg: %(name)s; sqlite3 takes :name as it is
-        return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql)
-    return sql
-
-
 def _reply_text(code: int, message: bytes | str) -> str:
     text_ = message.decode("utf-8", "replace") if isinstance(message, bytes) else str(message)
     return f"{code} {' '.join(text_.split())}"[:500]
@@ -433,7 +425,7 @@ class _Delivery:
         self.group_ready = threading.Event()
         # the recorder's statements, prepared once (SQLAlchemy's text() and compile cost ~100 µs a commit)
         self.record_sql = {
-            outcome: _driver_sql(engine, f"UPDATE deliveries SET {changes} "
+            outcome: driver_sql(engine, f"UPDATE deliveries SET {changes} "
                                          "WHERE delivery_id = :id AND status = 'sending' AND claimed_by = :token")
             for outcome, changes in _RECORDED.items()
         }
@@ -530,7 +522,7 @@ class _Delivery:
         """The next due rows, with their recipient's columns and their event, as plain dicts."""
         scope, params = self._scope()
         recipient_columns = ", ".join(f'r."{c}" AS "r_{c}"' for c in RECIPIENT_COLUMNS)
-        sql = _driver_sql(self.engine,
+        sql = driver_sql(self.engine,
             f"""SELECT d.delivery_id, d.campaign_id, d.recipient_id, d.email, d.event_id, d.event_time, d.attempts,
                        {recipient_columns}, e.trigger_id AS e_trigger_id, e.payload AS e_payload
                 FROM deliveries d

@@ -41,7 +41,6 @@ import hashlib
 import json
 import logging
 import queue
-import re
 import threading
 import time
 from collections import deque
@@ -55,7 +54,7 @@ import pandas as pd
 from sqlalchemy import Connection, Engine, text
 
 from include.config import WILDCARD, Campaign, Condition, TriggersConfig, dimension_column
-from include.db import VALUE_SEPARATOR, bulk_write, deliveries
+from include.db import VALUE_SEPARATOR, bulk_write, deliveries, driver_sql
 from include.events import IMPORTED_POSITION
 from include.runtime import collector_paused, spawn_pool
 
@@ -583,11 +582,9 @@ def _frame(
     SQLAlchemy's row objects, and pandas' check of every value of a str column, cost more than
     the query itself at a million rows: text comes back as object columns.
     """
-    if conn.dialect.name == "postgresql":
-        sql = re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql)
     cursor = conn.connection.dbapi_connection.cursor()
     try:
-        cursor.execute(sql, params)
+        cursor.execute(driver_sql(conn, sql), params)
         rows = cursor.fetchall()
     finally:
         cursor.close()
