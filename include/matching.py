@@ -28,8 +28,8 @@ events ``matched`` (a delivery row, pending or suppressed) or ``unmatched``.
 Determinism: events are decided in (time, event id) order and every earlier decision is read
 back from ``deliveries`` (a run keeps its own in memory: on PostgreSQL a batch is committed on a
 writer thread while the next one is decided), so one run over a set of closed events and any
-sequence of runs that sees them in time order (backfill intervals in order; scheduled runs when the matched triggers
-share one ``unless`` window) write the same rows. When campaigns hold their events for different
+sequence of runs that sees them in time order (backfill intervals in order; scheduled runs when
+the matched triggers share one ``unless`` window) write the same rows. When campaigns hold their events for different
 windows, a later event of a shorter-held campaign can be decided first; the window checks then
 also count that later decision, so the dedupe and frequency guarantees still hold (the earlier
 event is the one suppressed).
@@ -65,6 +65,7 @@ DELIVERY_COLUMNS = (
     "decided_at", "status", "reason", "attempts",
 )
 MC_ID = "mc_id"  # the events column of the mcId field
+HISTORY_COLUMNS = ["recipient_id", "campaign_id", "event_time", "event_id"]  # live decisions, as dedupe reads them
 log = logging.getLogger(__name__)
 
 
@@ -743,20 +744,23 @@ def read_history(
 ) -> pd.DataFrame:
     """Live decisions in ``deliveries`` for these recipients with start <= event_time <= end
     (except those taken at ``not_decided_at``: the current run's, which it keeps itself)."""
-    columns = ["recipient_id", "campaign_id", "event_time", "event_id"]
     ids = list(set(recipient_ids))
     if not ids:
-        return _frame_of(columns).astype({"event_time": float})
+        return _no_history()
     statuses = ", ".join(f"'{s}'" for s in LIVE_STATUSES)
     params: dict[str, Any] = {"ids": _values(conn, ids), "start": start, "end": end}
     sql = (
-        f"SELECT {', '.join(columns)} FROM deliveries WHERE {_member(conn, 'recipient_id', 'ids')} "
+        f"SELECT {', '.join(HISTORY_COLUMNS)} FROM deliveries WHERE {_member(conn, 'recipient_id', 'ids')} "
         f"AND event_time >= :start AND event_time <= :end AND status IN ({statuses})"
     )
     if not_decided_at is not None:
         sql += " AND decided_at <> :not_decided_at"
         params["not_decided_at"] = not_decided_at
-    return _frame(conn, sql, params, columns, floats=("event_time",))
+    return _frame(conn, sql, params, HISTORY_COLUMNS, floats=("event_time",))
+
+
+def _no_history() -> pd.DataFrame:
+    return _frame_of(HISTORY_COLUMNS).astype({"event_time": float})
 
 
 def _limit_window(config: TriggersConfig, rules: Sequence[Rule]) -> float:
@@ -775,10 +779,9 @@ def _mark_events(conn: Connection, events: pd.DataFrame, status: str, at: float)
     statement = "UPDATE pipeline_events SET status = :status, processed_at = :at WHERE "
     params: dict[str, Any] = {"status": status, "at": at}
     if "row_key" in events:
-        if conn.dialect.name == "postgresql":
-            where, keys = "ctid = ANY(CAST(:keys AS tid[]))", _values(conn, events["row_key"].tolist())
-        else:
-            where, keys = "rowid IN (SELECT value FROM json_each(:keys))", json.dumps(events["row_key"].astype(int).tolist())
+        postgres = conn.dialect.name == "postgresql"
+        where = "ctid = ANY(CAST(:keys AS tid[]))" if postgres else "rowid IN (SELECT value FROM json_each(:keys))"
+        keys = _values(conn, events["row_key"].tolist())
         if conn.execute(text(statement + where + " AND status = 'new'"), {**params, "keys": keys}).rowcount == len(events):
             return
     where = f"{_member(conn, 'event_id', 'ids')} AND status = 'new'"
@@ -823,7 +826,7 @@ def decide_batch(
     cancelling = read_cancelling(conn, config, rules, start, end + max_hold)
     screened = screen(events, audience, cancelling, rules)
     window = _limit_window(config, rules)
-    history = _frame_of(["recipient_id", "campaign_id", "event_time", "event_id"]).astype({"event_time": float})
+    history = _no_history()
     if window:
         open_people = screened.loc[screened["reason"].isna().to_numpy(), "recipient_id"].unique()
         bounds = (start - window, end + window)
@@ -852,16 +855,11 @@ class RunDecisions:
 
     def add(self, decisions: pd.DataFrame) -> None:
         live = decisions[(decisions["status"] == "pending").to_numpy(dtype=bool)]
-        self.parts.append(pd.DataFrame({
-            "recipient_id": live["recipient_id"].to_numpy(dtype=object),
-            "campaign_id": live["campaign_id"].to_numpy(dtype=object),
-            "event_time": live["event_time"].to_numpy(dtype=float),
-            "event_id": live["event_id"].to_numpy(dtype=object),
-        }))
+        self.parts.append(live[HISTORY_COLUMNS].reset_index(drop=True))
 
     def history(self, recipient_ids: np.ndarray, start: float, end: float) -> pd.DataFrame:
         if not self.parts:
-            return _frame_of(["recipient_id", "campaign_id", "event_time", "event_id"]).astype({"event_time": float})
+            return _no_history()
         if len(self.parts) > 1:
             self.parts = [pd.concat(self.parts, ignore_index=True)]
         known = self.parts[0]
@@ -940,8 +938,8 @@ class _BatchWriter:
                     self.error = error
 
 
-_WRITER_ENGINE: list[Engine] = []  # the writer process's engine, and whether a write failed
-_WRITER_FAILED: list[BaseException] = []
+_WRITER_ENGINE: list[Engine] = []  # the writer process's engine
+_WRITER_FAILED: list[BaseException] = []  # its first failed write: the later batches are refused
 
 
 def _start_writer_process(url: str) -> None:
