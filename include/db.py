@@ -39,6 +39,7 @@ from include.config import dimension_column
 from include.errors import ConfigError
 
 SQLITE_CACHE_KIB = 256 * 1024
+COPY_PART_ROWS = 5_000  # rows per COPY on PostgreSQL
 VALUE_SEPARATOR = "\x1f"  # ASCII unit separator: never in Analytics values; stripped if it were
 
 metadata = MetaData()
@@ -214,8 +215,8 @@ def bulk_write(
     """Insert many rows in the caller's transaction; return how many rows were written.
 
     ``conflict="nothing"`` skips rows whose key exists (idempotent staging), ``"update"``
-    overwrites the non-key columns (upsert). PostgreSQL gets COPY into a temporary table and
-    one ``INSERT ... SELECT``; SQLite one prepared ``executemany``.
+    overwrites the non-key columns (upsert). PostgreSQL gets, per part of COPY_PART_ROWS rows, COPY
+    into a temporary table and one ``INSERT ... SELECT``; SQLite one prepared ``executemany``.
     """
     if not rows:
         return 0
@@ -235,20 +236,24 @@ def bulk_write(
             cursor.execute(
                 f"CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
             )
-            cursor.execute(f"TRUNCATE {staging}")
             if not hasattr(cursor, "copy"):
                 raise ConfigError("PostgreSQL URLs must use psycopg 3: postgresql:// or postgresql+psycopg://")
-            # psycopg adapts each row in C: twice as fast as building CSV text in Python
-            with cursor.copy(f"COPY {staging} ({names}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
             select = f"SELECT {names} FROM {staging}"
             if conflict == "update":  # ON CONFLICT DO UPDATE refuses a key twice in one statement
                 select = f"SELECT DISTINCT ON ({', '.join(key)}) {names} FROM {staging}"
-            cursor.execute(f"INSERT INTO {table.name} ({names}) {select} {on_conflict}")
-        else:
-            marks = ", ".join("?" for _ in columns)
-            cursor.executemany(f"INSERT INTO {table.name} ({names}) VALUES ({marks}) {on_conflict}", rows)
+            written = 0
+            # in parts: the temporary table of a part fits its buffers (temp_buffers)
+            for start in range(0, len(rows), COPY_PART_ROWS):
+                cursor.execute(f"TRUNCATE {staging}")
+                # psycopg adapts each row in C: twice as fast as building CSV text in Python
+                with cursor.copy(f"COPY {staging} ({names}) FROM STDIN") as copy:
+                    for row in rows[start:start + COPY_PART_ROWS]:
+                        copy.write_row(row)
+                cursor.execute(f"INSERT INTO {table.name} ({names}) {select} {on_conflict}")
+                written += cursor.rowcount
+            return written
+        marks = ", ".join("?" for _ in columns)
+        cursor.executemany(f"INSERT INTO {table.name} ({names}) VALUES ({marks}) {on_conflict}", rows)
         return cursor.rowcount
     finally:
         cursor.close()

@@ -18,8 +18,6 @@ from include.config import Settings, TriggersConfig, load_config
 from include.db import bulk_write, ensure_schema, make_engine, pipeline_state
 from include.events import EventParser, ParsedPage
 
-WRITE_ROWS = 5_000  # rows per insert statement
-
 
 @dataclass
 class StageResult:
@@ -50,11 +48,8 @@ class Stager:
 
     def stage(self, page: ParsedPage, *, pipeline_host: str | None, fetched_at: float, retries: int = 0) -> StageResult:
         """Insert the page's events and move the position to its last one, atomically."""
-        rows = page.rows()
         with self.engine.begin() as conn:
-            # in parts: PostgreSQL's temporary table of a part then fits its buffers (temp_buffers)
-            staged = sum(bulk_write(conn, self.table, page.columns, rows[start:start + WRITE_ROWS])
-                         for start in range(0, len(rows), WRITE_ROWS))
+            staged = bulk_write(conn, self.table, page.columns, page.rows())
             self._advance(conn, page, staged, pipeline_host, fetched_at, retries)
         return StageResult(page.count, staged, page.quarantined, page.ignored)
 
