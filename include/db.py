@@ -89,11 +89,24 @@ deliveries = Table(
     Column("claimed_by", Text),
     Column("sent_at", Float),
     Column("smtp_reply", Text),
-    Index("ix_deliveries_due", "status", "decided_at", "delivery_id"),  # delivery's next batch, in order, without a sort
+    # delivery's next batch, in order, without a sort; a run's decisions arrive in event time
+    # order, so its rows append to the index instead of landing at random delivery ids (2x cheaper)
+    Index("ix_deliveries_next", "status", "decided_at", "event_time", "delivery_id"),
     Index("ix_deliveries_recipient_time", "recipient_id", "event_time"),  # matching's history
 )
-# no query used the first; ix_deliveries_due covers what the second did; each index slows every write
-DROPPED_INDEXES = ("ix_deliveries_campaign_recipient_time", "ix_deliveries_status")
+# no query used the first; ix_deliveries_next covers what the second and third did; the status
+# index of pipeline_events made every status update rewrite all its indexes (matching_frontier)
+DROPPED_INDEXES = (
+    "ix_deliveries_campaign_recipient_time", "ix_deliveries_status", "ix_deliveries_due", "ix_pipeline_events_status_time",
+)
+
+matching_frontier = Table(
+    "matching_frontier",
+    metadata,
+    Column("trigger_id", Text, primary_key=True),
+    Column("low_time", Float, nullable=False, comment="no journal event of the trigger still new is older"),
+    Column("version", BigInteger, nullable=False, comment="raised by every staging of the trigger's new events"),
+)
 
 pipeline_runs = Table(
     "pipeline_runs",
@@ -118,7 +131,10 @@ EVENT_COLUMNS: tuple[Column[Any], ...] = (
     Column("processed_at", Float),
     Column("payload", Text, nullable=False, comment="the raw event JSON"),
 )
-EVENT_INDEXES = (("ix_pipeline_events_status_time", ("status", "time_gmt")), ("ix_pipeline_events_received", ("received_at",)))
+# no index holds status or processed_at: marking an event then rewrites only its row (a HOT
+# update on PostgreSQL, in the room the fillfactor leaves), 3.5x cheaper than with a status index
+EVENT_INDEXES = (("ix_pipeline_events_trigger_time", ("trigger_id", "time_gmt")), ("ix_pipeline_events_received", ("received_at",)))
+EVENTS_FILLFACTOR = 50  # a page keeps room for the new version of each of its rows
 
 
 @lru_cache(maxsize=16)
@@ -129,6 +145,7 @@ def events_table(dimensions: tuple[str, ...] = ()) -> Table:
         MetaData(),
         *(column._copy() for column in EVENT_COLUMNS),
         *(Column(dimension_column(name), Text) for name in dimensions),
+        postgresql_with={"fillfactor": EVENTS_FILLFACTOR},
     )
     for name, columns in EVENT_INDEXES:
         Index(name, *(table.c[c] for c in columns))
@@ -167,6 +184,9 @@ def ensure_schema(engine: Engine, dimensions: Sequence[str] = ()) -> Table:
         for name in DROPPED_INDEXES:
             conn.execute(text(f'DROP INDEX IF EXISTS "{name}"'))
         table.create(conn, checkfirst=True)
+        for index in [*table.indexes, *(i for t in metadata.tables.values() for i in t.indexes)]:
+            index.create(conn, checkfirst=True)  # an index added since the table was created
+        _ensure_frontier_triggers(conn)
         existing = {c["name"] for c in inspect(conn).get_columns("pipeline_events")}
         added = [name for name in dimensions if dimension_column(name) not in existing]
         for name in added:
@@ -174,6 +194,57 @@ def ensure_schema(engine: Engine, dimensions: Sequence[str] = ()) -> Table:
         if added:
             _fill_dimension_columns(conn, table, added)
     return table
+
+
+FRONTIER_TRIGGERS = ("pipeline_events_frontier", "pipeline_events_frontier_requeued")
+# lowers a trigger's frontier to its oldest new event and raises its version: on every insert of
+# new events (staging, import, tests) and every update back to new (a requeue by hand)
+_LOWER_FRONTIER = """INSERT INTO matching_frontier (trigger_id, low_time, version) {rows}
+    ON CONFLICT (trigger_id) DO UPDATE SET version = matching_frontier.version + 1,
+        low_time = CASE WHEN excluded.low_time < matching_frontier.low_time
+                        THEN excluded.low_time ELSE matching_frontier.low_time END"""
+# staging quarantines an event without a trigger id; a row inserted by hand without one is never matched
+_NEW_PER_TRIGGER = (
+    "SELECT trigger_id, min(time_gmt), 1 FROM {source} WHERE status = 'new' AND trigger_id IS NOT NULL "
+    "GROUP BY trigger_id ORDER BY trigger_id"
+)
+_NEW_ROW = "VALUES (NEW.trigger_id, NEW.time_gmt, 1)"
+_REQUEUED = "NEW.status = 'new' AND OLD.status <> 'new' AND NEW.trigger_id IS NOT NULL"
+_FRONTIER_DDL = {
+    "postgresql": (
+        # inserts: once per statement, over the rows it inserted (its transition table)
+        f"""CREATE OR REPLACE FUNCTION pipeline_events_frontier() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN {_LOWER_FRONTIER.format(rows=_NEW_PER_TRIGGER.format(source="staged"))}; RETURN NULL; END $$""",
+        """CREATE OR REPLACE TRIGGER pipeline_events_frontier AFTER INSERT ON pipeline_events
+        REFERENCING NEW TABLE AS staged FOR EACH STATEMENT EXECUTE FUNCTION pipeline_events_frontier()""",
+        f"""CREATE OR REPLACE FUNCTION pipeline_events_frontier_row() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN {_LOWER_FRONTIER.format(rows=_NEW_ROW)}; RETURN NULL; END $$""",
+        f"""CREATE OR REPLACE TRIGGER pipeline_events_frontier_requeued AFTER UPDATE OF status ON pipeline_events
+        FOR EACH ROW WHEN ({_REQUEUED}) EXECUTE FUNCTION pipeline_events_frontier_row()""",
+        f"ALTER TABLE pipeline_events SET (fillfactor = {EVENTS_FILLFACTOR})",
+    ),
+    "sqlite": (  # row triggers only
+        f"""CREATE TRIGGER IF NOT EXISTS pipeline_events_frontier AFTER INSERT ON pipeline_events
+        WHEN NEW.status = 'new' AND NEW.trigger_id IS NOT NULL BEGIN {_LOWER_FRONTIER.format(rows=_NEW_ROW)}; END""",
+        f"""CREATE TRIGGER IF NOT EXISTS pipeline_events_frontier_requeued AFTER UPDATE OF status ON pipeline_events
+        WHEN {_REQUEUED} BEGIN {_LOWER_FRONTIER.format(rows=_NEW_ROW)}; END""",
+    ),
+}
+
+
+def _ensure_frontier_triggers(conn: Connection) -> None:
+    """Create the triggers that keep ``matching_frontier`` below every new event, once; the
+    events staged before them (an older database) lower the frontier here."""
+    if conn.dialect.name == "postgresql":
+        existing = "SELECT count(*) FROM pg_trigger WHERE tgname IN :names AND tgrelid = 'pipeline_events'::regclass"
+    else:
+        existing = "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name IN :names"
+    query = text(existing).bindparams(bindparam("names", expanding=True))
+    if conn.execute(query, {"names": list(FRONTIER_TRIGGERS)}).scalar_one() == len(FRONTIER_TRIGGERS):
+        return
+    for statement in _FRONTIER_DDL[conn.dialect.name]:  # the triggers first: they lock out concurrent stagers
+        conn.exec_driver_sql(statement)
+    conn.exec_driver_sql(_LOWER_FRONTIER.format(rows=_NEW_PER_TRIGGER.format(source="pipeline_events")))
 
 
 def _fill_dimension_columns(conn: Connection, table: Table, names: Sequence[str]) -> None:
@@ -231,13 +302,19 @@ def bulk_write(
     cursor = dbapi.cursor()
     try:
         if conn.dialect.name == "postgresql":
+            if not hasattr(cursor, "copy"):
+                raise ConfigError("PostgreSQL URLs must use psycopg 3: postgresql:// or postgresql+psycopg://")
+            if conflict == "nothing":
+                # straight into the table while no key is taken (the usual case): ~40 % less server
+                # CPU than ON CONFLICT from a temporary table (measured: 805k deliveries, 13 s vs 22 s)
+                copied = _copy_unless_taken(conn, cursor, table.name, names, rows)
+                if copied is not None:
+                    return copied
             # named by its columns: a connection may outlive an ALTER TABLE that adds one
             staging = f"_bulk_{table.name}_{len(table.c)}"
             cursor.execute(
                 f"CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
             )
-            if not hasattr(cursor, "copy"):
-                raise ConfigError("PostgreSQL URLs must use psycopg 3: postgresql:// or postgresql+psycopg://")
             select = f"SELECT {names} FROM {staging}"
             if conflict == "update":  # ON CONFLICT DO UPDATE refuses a key twice in one statement
                 select = f"SELECT DISTINCT ON ({', '.join(key)}) {names} FROM {staging}"
@@ -257,3 +334,19 @@ def bulk_write(
         return cursor.rowcount
     finally:
         cursor.close()
+
+
+def _copy_unless_taken(conn: Connection, cursor: Any, table: str, names: str, rows: Sequence[Sequence[Any]]) -> int | None:
+    """COPY the rows into ``table`` in a savepoint; None (nothing written) when a key was taken."""
+    import psycopg
+
+    savepoint = conn.begin_nested()
+    try:
+        with cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+    except psycopg.errors.UniqueViolation:
+        savepoint.rollback()
+        return None
+    savepoint.commit()
+    return len(rows)

@@ -530,7 +530,7 @@ class _Delivery:
                 LEFT JOIN pipeline_events e ON e.event_id = d.event_id
                 WHERE d.status = 'pending'
                   AND (d.attempts = 0 OR d.claimed_at IS NULL OR d.claimed_at <= :now - ({self.backoff_sql})){scope}
-                ORDER BY d.decided_at, d.delivery_id
+                ORDER BY d.decided_at, d.event_time, d.delivery_id
                 LIMIT :limit"""
         )
         with self.engine.connect() as conn:  # the driver's rows: SQLAlchemy's mappings cost ~20 µs a row here

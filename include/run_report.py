@@ -6,10 +6,10 @@ import json
 import time
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.dialects import postgresql, sqlite
 
-from include.db import events_table, pipeline_runs
+from include.db import pipeline_runs
 from include.events import IMPORTED_POSITION
 
 
@@ -30,21 +30,29 @@ def run_counts(drained: dict[str, Any], matched: dict[str, Any], delivered: dict
     return counts
 
 
-def oldest_waiting_received_at(conn: Connection, consumer: str | None = None) -> float | None:
-    """When the oldest journal event still waiting for matching was received (None: none);
-    imported events wait for their backfill and are not lag."""
-    table = events_table()
-    query = select(func.min(table.c.received_at)).where(table.c.status == "new", table.c.position != IMPORTED_POSITION)
+def waiting_events(conn: Connection, consumer: str | None = None) -> tuple[int, float | None]:
+    """How many journal events wait for matching, and when the oldest was received (None: none).
+
+    Read per trigger from its frontier on (no index holds the status); imported events wait for
+    their backfill and are not counted.
+    """
+    sql = (
+        "SELECT count(*), min(e.received_at) FROM matching_frontier f JOIN pipeline_events e "
+        "ON e.trigger_id = f.trigger_id AND e.time_gmt >= f.low_time "
+        f"WHERE e.status = 'new' AND e.position <> '{IMPORTED_POSITION}'"
+    )
+    params = {}
     if consumer is not None:
-        query = query.where(table.c.consumer == consumer)
-    oldest = conn.execute(query).scalar()
-    return None if oldest is None else float(oldest)
+        sql += " AND e.consumer = :consumer"
+        params["consumer"] = consumer
+    count, oldest = conn.execute(text(sql), params).one()
+    return int(count), None if oldest is None else float(oldest)
 
 
 def oldest_unprocessed_age(engine: Engine, now: float) -> float:
     """The lag: seconds since the oldest waiting journal event was received (0 when none)."""
     with engine.connect() as conn:
-        oldest = oldest_waiting_received_at(conn)
+        _, oldest = waiting_events(conn)
     return round(max(0.0, now - oldest), 3) if oldest is not None else 0.0
 
 

@@ -8,7 +8,8 @@ plain dict (JSON-ready) that the Airflow UI view (``plugins/triggers_status.py``
   received (duplicates included), quarantined, ignored, duplicate, requests retried;
 * counts over the events staged in the last ``days`` days (the chart's window; the default,
   3, is the purge's retention): by status, processed (matched + unmatched), per hour — one
-  scan of that window — and, over every staged event, those still waiting and the lag.
+  scan of that window — and, over every staged event, the journal events still waiting and
+  the lag (imported events wait for their backfill and are not counted).
 
 The chart counts distinct staged events per hour of **reception** (``received_at``), the
 pipeline's throughput; ``time_gmt`` is the shopper's time and may be hours old on a replay.
@@ -25,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 from sqlalchemy import Connection, Engine, Integer, case, cast, func, inspect, select
 
 from include.db import deliveries, events_table, pipeline_runs, pipeline_state
-from include.run_report import oldest_waiting_received_at
+from include.run_report import waiting_events
 
 EVENT_STATUSES = ("new", "matched", "unmatched", "ignored", "quarantined")
 PROCESSED_STATUSES = ("matched", "unmatched")
@@ -51,7 +52,8 @@ def pipeline_status(
         state = _state(conn, consumer) if "pipeline_state" in tables else {}
         has_events = "pipeline_events" in tables
         window = _window(conn, consumer, chart_start, now) if has_events else _window_empty()
-        waiting, oldest_waiting = _waiting(conn, consumer) if has_events else (0, None)
+        # the frontier comes with this version's schema (ensure_schema, at the next run)
+        waiting, oldest_waiting = waiting_events(conn, consumer) if "matching_frontier" in tables else (0, None)
         emails = _emails(conn) if "deliveries" in tables else _emails_empty()
         runs = _recent_runs(conn, recent_runs) if "pipeline_runs" in tables else []
     by_status = window["by_status"]
@@ -122,16 +124,6 @@ def _window(conn: Connection, consumer: str, start: float, now: float) -> dict[s
     if processed_recently:
         result["avg_processing_seconds"] = total_seconds / processed_recently
     return result
-
-
-def _waiting(conn: Connection, consumer: str) -> tuple[int, float | None]:
-    """Events still ``new`` however old (the purge keeps them), and when the oldest journal
-    event among them was received (the lag's start, as the run report counts it)."""
-    events = events_table()
-    count = conn.execute(
-        select(func.count()).where(events.c.consumer == consumer, events.c.status == "new")
-    ).scalar_one()
-    return int(count), oldest_waiting_received_at(conn, consumer)
 
 
 def hour_number(column: Any) -> Any:

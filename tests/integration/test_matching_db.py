@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, inspect, text
 
 from include.config import dimension_column, parse_config
-from include.db import VALUE_SEPARATOR, bulk_write, ensure_schema, recipients
-from include.matching import AudienceReader, _BatchWriter, match_ready_events, still_eligible
+from tests.conftest import new_database_url
+from include.db import VALUE_SEPARATOR, bulk_write, ensure_schema, make_engine, recipients
+from include.matching import (
+    DELIVERY_COLUMNS,
+    AudienceReader,
+    _BatchWriter,
+    advance_frontier,
+    compile_rules,
+    match_ready_events,
+    read_frontier,
+    still_eligible,
+    write_batch,
+)
 
 T0 = 1_767_225_600.0
 MINUTE, HOUR = 60.0, 3600.0
@@ -177,7 +189,7 @@ def test_batches_written_beside_the_next_decision_write_what_inline_writes(
     with staged.begin() as conn:
         conn.execute(text("DELETE FROM deliveries"))
         conn.execute(text("UPDATE pipeline_events SET status = 'new'"))
-    monkeypatch.setattr(_BatchWriter, "PROCESS_MIN_EVENTS", 1)  # SQLite: a writer process; PostgreSQL: a thread
+    monkeypatch.setattr(_BatchWriter, "PROCESS_MIN_EVENTS", 1)  # a writer process from the first batch
     match_ready_events(staged, CONFIG, now=T0 + HOUR, batch_size=2)
     pd.testing.assert_frame_equal(deliveries_of(staged), expected)
     assert statuses(staged) == expected_statuses
@@ -304,3 +316,84 @@ def test_a_list_parameter_keeps_every_value_as_it_is(engine: Engine) -> None:
         assert sorted(row[0] for row in found) == sorted(values)
         none = conn.execute(text(f"SELECT count(*) FROM probe WHERE {_member(conn, 'v', 'list')}"), {"list": _values(conn, [])})
         assert none.scalar_one() == 0
+
+
+def frontier_of(engine: Engine) -> dict[str, tuple[float, int]]:
+    with engine.connect() as conn:
+        return {row.trigger_id: (row.low_time, row.version) for row in read_frontier(conn)}
+
+
+def test_the_frontier_follows_the_holds_and_an_event_staged_late_with_an_old_time_is_still_decided(
+    staged: Engine,
+) -> None:
+    assert frontier_of(staged)["T-CART"][0] == T0  # the oldest new cart
+    match_ready_events(staged, CONFIG, now=T0 + 20 * MINUTE)
+    # carts hold 30 minutes: none older than 20 - 30 minutes can wait; the rest have no hold
+    assert frontier_of(staged)["T-CART"][0] == T0  # its low was already lower
+    assert frontier_of(staged)["T-BROWSE"][0] == T0 + 20 * MINUTE
+    # a browse event from before the frontier, staged now (a late page of the journal)
+    stage(staged, {"id": "browse-late", "kind": "browse", "mc": "MC1", "t": T0 - HOUR})
+    assert frontier_of(staged)["T-BROWSE"][0] == T0 - HOUR
+    counts = match_ready_events(staged, CONFIG, now=T0 + 21 * MINUTE)
+    assert counts["ready"] == 1 and statuses(staged)["browse-late"] == "matched"
+    assert frontier_of(staged)["T-BROWSE"][0] == T0 + 21 * MINUTE
+
+
+def test_a_run_leaves_the_frontier_where_it_was_when_an_event_was_staged_during_it(staged: Engine) -> None:
+    with staged.connect() as conn:
+        read_at_start = read_frontier(conn)
+    match_ready_events(staged, CONFIG, now=T0 + 20 * MINUTE)
+    stage(staged, {"id": "browse-during", "kind": "browse", "mc": "MC1", "t": T0 - HOUR})  # unseen by the run
+    with staged.begin() as conn:
+        advance_frontier(conn, compile_rules(CONFIG), read_at_start, T0 + 20 * MINUTE)  # the run ends
+    assert frontier_of(staged)["T-BROWSE"][0] == T0 - HOUR
+    assert match_ready_events(staged, CONFIG, now=T0 + 20 * MINUTE)["ready"] == 1
+
+
+def test_an_event_set_back_to_new_by_hand_is_decided_again(staged: Engine) -> None:
+    match_ready_events(staged, CONFIG, now=T0 + HOUR)
+    assert frontier_of(staged)["T-BROWSE"][0] == T0 + HOUR
+    with staged.begin() as conn:
+        conn.execute(text("DELETE FROM deliveries WHERE event_id = 'browse-2'"))
+        conn.execute(text("UPDATE pipeline_events SET status = 'new' WHERE event_id = 'browse-2'"))
+    assert frontier_of(staged)["T-BROWSE"][0] == T0 + 2 * MINUTE
+    assert match_ready_events(staged, CONFIG, now=T0 + HOUR) == {"ready": 1, "matched": 1, "unmatched": 0, "pending": 1}
+
+
+def test_a_database_staged_before_the_frontier_gets_one_and_loses_the_status_index(engine: Engine) -> None:
+    audience(engine)
+    stage(engine, {"id": "browse-old", "kind": "browse", "mc": "MC1", "t": T0})
+    with engine.begin() as conn:  # as an older version left it: no triggers, no frontier, a status index
+        for name in ("pipeline_events_frontier", "pipeline_events_frontier_requeued"):
+            conn.execute(text(f"DROP TRIGGER {name}" + (" ON pipeline_events" if engine.dialect.name == "postgresql" else "")))
+        conn.execute(text("DELETE FROM matching_frontier"))
+        conn.execute(text("CREATE INDEX ix_pipeline_events_status_time ON pipeline_events (status, time_gmt)"))
+        conn.execute(text("DROP INDEX ix_pipeline_events_trigger_time"))
+        conn.execute(text("DROP INDEX ix_deliveries_next"))
+        conn.execute(text("CREATE INDEX ix_deliveries_due ON deliveries (status, decided_at, delivery_id)"))
+    assert frontier_of(engine) == {}
+    ensure_schema(engine, CONFIG.dimensions)
+    assert frontier_of(engine) == {"T-BROWSE": (T0, 1)}
+    with engine.connect() as conn:
+        indexes = {i["name"] for table in ("pipeline_events", "deliveries") for i in inspect(conn).get_indexes(table)}
+    assert {"ix_pipeline_events_trigger_time", "ix_deliveries_next"} <= indexes
+    assert not {"ix_pipeline_events_status_time", "ix_deliveries_due"} & indexes
+    assert match_ready_events(engine, CONFIG, now=T0 + HOUR)["matched"] == 1
+
+
+@pytest.mark.postgres
+def test_marking_events_rewrites_only_their_rows_on_postgresql(tmp_path: Path) -> None:
+    url = new_database_url("postgresql", tmp_path)
+    engine = make_engine(next(url))
+    audience(engine)
+    stage(engine, *({"id": f"b{n}", "kind": "browse", "mc": "MC1", "t": T0 + n} for n in range(200)))
+    with engine.connect() as conn:
+        events = pd.read_sql(text("SELECT event_id, ctid::text AS row_key FROM pipeline_events"), conn)
+    with engine.begin() as conn:  # heap-only updates: no index entry written, room left by the fillfactor
+        write_batch(conn, events, pd.DataFrame(columns=list(DELIVERY_COLUMNS)), T0)
+        hot = conn.execute(text("SELECT pg_stat_get_xact_tuples_hot_updated('pipeline_events'::regclass)")).scalar_one()
+        updated = conn.execute(text("SELECT pg_stat_get_xact_tuples_updated('pipeline_events'::regclass)")).scalar_one()
+    engine.dispose()
+    url.close()
+    # the new versions are a little longer (status, processed_at): a page's last rows may not fit
+    assert updated == 200 and hot >= 0.8 * updated

@@ -9,6 +9,7 @@ nothing. On SQLite (fast); tests/integration/test_matching_db.py checks a split 
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from sqlalchemy import text
 
 from include.config import dimension_column, parse_config
 from include.db import VALUE_SEPARATOR, bulk_write, ensure_schema, make_engine, recipients
-from include.matching import match_ready_events
+from include.matching import latest_ready_time, match_ready_events
 
 T0 = 1_767_225_600.0
 TRIGGERS = {"cart": "T-CART", "browse": "T-BROWSE", "purchase": "T-BUY"}
@@ -157,3 +158,13 @@ def test_backfill_intervals_in_order_write_what_one_run_writes(events: list[dict
         pd.testing.assert_frame_equal(snapshot(whole)[0], snapshot(split)[0])
         whole.dispose()
         split.dispose()
+
+
+@given(
+    now=st.floats(min_value=1e9, max_value=2e9, allow_nan=False),
+    hold=st.one_of(st.just(0.0), st.floats(min_value=0.001, max_value=7 * 86_400.0)),
+)
+def test_latest_ready_time_is_the_exact_edge_of_the_window(now: float, hold: float) -> None:
+    edge = latest_ready_time(now, hold)
+    assert edge + hold <= now  # an event at the edge is ready, as the window test computes it
+    assert math.nextafter(edge, math.inf) + hold > now  # the next representable time is not
