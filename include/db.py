@@ -286,8 +286,9 @@ def bulk_write(
     """Insert many rows in the caller's transaction; return how many rows were written.
 
     ``conflict="nothing"`` skips rows whose key exists (idempotent staging), ``"update"``
-    overwrites the non-key columns (upsert). PostgreSQL gets, per part of COPY_PART_ROWS rows, COPY
-    into a temporary table and one ``INSERT ... SELECT``; SQLite one prepared ``executemany``.
+    overwrites the non-key columns (upsert). PostgreSQL gets one COPY into the table when no key
+    is taken (``"nothing"``), else, per part of COPY_PART_ROWS rows, COPY into a temporary table
+    and one ``INSERT ... ON CONFLICT``; SQLite one prepared ``executemany``.
     """
     if not rows:
         return 0
