@@ -10,7 +10,6 @@ import pytest
 from sqlalchemy import Engine, inspect, text
 
 from include.config import dimension_column, parse_config
-from tests.conftest import new_database_url
 from include.db import VALUE_SEPARATOR, bulk_write, ensure_schema, make_engine, recipients
 from include.matching import (
     DELIVERY_COLUMNS,
@@ -23,6 +22,7 @@ from include.matching import (
     still_eligible,
     write_batch,
 )
+from tests.conftest import new_database_url
 
 T0 = 1_767_225_600.0
 MINUTE, HOUR = 60.0, 3600.0
