@@ -526,8 +526,8 @@ def screen(
 def finish(candidates: pd.DataFrame, history: pd.DataFrame, config: TriggersConfig, rules: Sequence[Rule]) -> pd.DataFrame:
     """Apply dedupe and the frequency cap to screened candidates; return the decisions.
 
-    Columns: delivery_id, campaign_id, recipient_id, email, event_id, event_time, status, reason,
-    in decision order.
+    Columns: campaign_id, recipient_id, email, event_id, event_time, status, reason, in decision
+    order; the ``delivery_id`` is hashed where they are written (:func:`delivery_ids`).
     """
     reasons = candidates["reason"].copy()
     open_rows = reasons.isna().to_numpy()
@@ -537,7 +537,6 @@ def finish(candidates: pd.DataFrame, history: pd.DataFrame, config: TriggersConf
     ).to_numpy()
     return pd.DataFrame(
         {
-            "delivery_id": _objects(delivery_ids(candidates["campaign_id"], candidates["recipient_id"], candidates["event_id"])),
             "campaign_id": candidates["campaign_id"],
             "recipient_id": candidates["recipient_id"],
             "email": candidates["email"],
@@ -860,7 +859,9 @@ def _mark_events(conn: Connection, events: pd.DataFrame, status: str, at: float)
 def _delivery_rows(decisions: pd.DataFrame, decided_at: float) -> list[tuple[Any, ...]]:
     columns = []
     for name in DELIVERY_COLUMNS:
-        if name == "decided_at":
+        if name == "delivery_id":  # hashed by the writer: the deciding process is the slower one
+            columns.append(delivery_ids(decisions["campaign_id"], decisions["recipient_id"], decisions["event_id"]))
+        elif name == "decided_at":
             columns.append([decided_at] * len(decisions))
         elif name == "attempts":
             columns.append([0] * len(decisions))
