@@ -57,7 +57,7 @@ def _load() -> str:
 # ---------------------------------------------------------------------------------------------
 def serve_simulator(events: int, people: int, start_time: float, span: float, public_key: str) -> None:
     """Child process: a simulator whose events were published over [start_time, start_time + span]."""
-    from include.simulator import Simulator, SimulatorOptions
+    from include.sandbox.simulator import Simulator, SimulatorOptions
 
     options = SimulatorOptions(public_key_pem=Path(public_key).read_bytes(), events=events, people=people,
                                start_time=start_time, time_span=span, malformed_share=0.001,
@@ -85,7 +85,7 @@ def start_simulator(events: int, people: int, start_time: float, span: float,
 
 
 def start_smtp() -> tuple[subprocess.Popen[bytes], int]:
-    from include.smtp_server import free_port
+    from include.sandbox.smtp_server import free_port
 
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "include.cli", "smtp", "serve", "--port", str(port)],
@@ -134,8 +134,9 @@ class Databases:
         return make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
 
     def prepare(self, audience_csv: Path, config) -> tuple[dict, float]:
-        from include.audience import load_recipients
-        from include.db import ensure_schema, make_engine
+        from include.audience.load import load_recipients
+        from include.database.engine import make_engine
+        from include.database.schema import ensure_schema
 
         self.template_url = self.fresh("template", template=False)
         engine = make_engine(self.template_url)
@@ -193,8 +194,8 @@ def bench_config(fetch_size: int = 1000):
 
 
 def authenticator(url: str, private_key: Path):
-    from include.auth import ImsAuthenticator, PipelineCredentials
-    from include.simulator import SimulatorOptions
+    from include.adobe.auth import ImsAuthenticator, PipelineCredentials
+    from include.sandbox.simulator import SimulatorOptions
 
     options = SimulatorOptions()
     return ImsAuthenticator(PipelineCredentials(
@@ -206,10 +207,10 @@ def authenticator(url: str, private_key: Path):
 def measure_cycle(databases: Databases, schedule: int, events: int, people: int, private_key: Path,
                   public_key: Path, fetch_sizes: list[int], connections: list[int], deliver_sample: int) -> dict:
     """Drain the backlog of one run with each fetch size, then match and deliver each copy."""
-    from include.db import make_engine
-    from include.delivery import SmtpSettings, deliver_pending
-    from include.drain import drain
-    from include.matching import match_ready_events
+    from include.database.engine import make_engine
+    from include.delivery.sender import SmtpSettings, deliver_pending
+    from include.matching.run import match_ready_events
+    from include.staging.drain import drain
 
     span = schedule * 60.0
     copies = max(len(fetch_sizes), len(connections))
@@ -267,8 +268,8 @@ def measure_cycle(databases: Databases, schedule: int, events: int, people: int,
 
 def measure_overhead(databases: Databases, workdir: Path, private_key: Path, public_key: Path, runs: int) -> dict:
     """Wall time of `airflow dags test triggers_pipeline` with an empty journal: warm-up + ``runs``."""
-    from include.demo import AIRFLOW, airflow_environment
-    from include.simulator import SimulatorOptions
+    from include.sandbox.demo import AIRFLOW, airflow_environment
+    from include.sandbox.simulator import SimulatorOptions
 
     db_url = databases.fresh("airflow")
     simulator, url = start_simulator(0, 1000, time.time() - 60, 60.0, public_key)
@@ -386,8 +387,8 @@ def main() -> None:
         serve_simulator(int(events), int(people), float(start_time), float(span), public_key)
         return
 
-    from include.keys import create_key_pair
-    from include.simulator import write_audience_csv
+    from include.sandbox.keys import create_key_pair
+    from include.sandbox.simulator import write_audience_csv
 
     os.environ["TRIGGERS_TOKEN_CACHE"] = "off"
     schedules = _csv_ints(args.schedules)

@@ -97,7 +97,7 @@ def run_sink(port: int, pipelining: bool) -> None:
 
 
 def start_sink(pipelining: bool = True) -> tuple[subprocess.Popen[str], int]:
-    from include.smtp_server import free_port
+    from include.sandbox.smtp_server import free_port
 
     port = free_port()
     process = subprocess.Popen(
@@ -115,7 +115,8 @@ DOMAINS = ("gmail.com", "yahoo.fr", "orange.fr", "outlook.com", "example.org")
 
 
 def fill_database(engine, config, count: int) -> None:
-    from include.db import bulk_write, deliveries, ensure_schema, recipients
+    from include.database.schema import deliveries, ensure_schema, recipients
+    from include.database.sql import bulk_write
 
     table = ensure_schema(engine, config.dimensions)
     now = time.time()
@@ -146,8 +147,8 @@ def reset_deliveries(engine) -> None:
 
 
 def pre_render(config, count: int):
-    from include.events import dimension_values
-    from include.render import Renderer, event_context, unsubscribe_url_for
+    from include.delivery.render import Renderer, event_context, unsubscribe_url_for
+    from include.staging.parser import dimension_values
 
     renderer = Renderer(ROOT / "include" / "templates")
     campaign = config.campaigns[0]
@@ -181,7 +182,7 @@ def plain_smtplib(port: int, messages, connections: int = 1) -> float:
 
 
 def delivery_path(engine, config, port: int, count: int, connections: int, window: int | None = None) -> float:
-    from include.delivery import SmtpSettings, deliver_pending
+    from include.delivery.sender import SmtpSettings, deliver_pending
 
     smtp = SmtpSettings.from_connection(SimpleNamespace(
         host="127.0.0.1", port=port, login=None, password=None, extra_dejson={"disable_ssl": True, "disable_tls": True}))
@@ -210,8 +211,8 @@ def main() -> int:
         return 0
     os.environ.setdefault("TRIGGERS_TEMPLATES", str(ROOT / "include" / "templates"))
     from include.config import load_config
-    from include.db import make_engine
-    from include.delivery import default_render_processes
+    from include.database.engine import make_engine
+    from include.delivery.sender import default_render_processes
 
     config = load_config(ROOT / "include" / "triggers.yaml", ROOT / "include" / "templates")
     config = config.model_copy(update={"limits": config.limits.model_copy(update={"rate": None})})  # measure, not throttle

@@ -28,7 +28,7 @@ PG_ADMIN_URL = os.environ.get("TRIGGERS_TEST_PG_URL", "postgresql://postgres@127
 
 
 def start_simulator(events: int, workdir: Path) -> tuple[subprocess.Popen, str, Path, dict]:
-    from include.keys import create_key_pair
+    from include.sandbox.keys import create_key_pair
 
     private_key, public_key = create_key_pair(workdir / "keys")
     port = 18765
@@ -63,11 +63,11 @@ def fresh_database(kind: str, workdir: Path) -> str:
 
 def drain_worker(db_url: str, simulator_url: str, private_key: str, fetch_size: int) -> None:
     """Child process: drain everything, print seconds and peak RSS as JSON."""
-    from include.auth import ImsAuthenticator, PipelineCredentials
+    from include.adobe.auth import ImsAuthenticator, PipelineCredentials
     from include.config import load_config
-    from include.db import make_engine
-    from include.drain import drain
-    from include.simulator import SimulatorOptions
+    from include.database.engine import make_engine
+    from include.sandbox.simulator import SimulatorOptions
+    from include.staging.drain import drain
 
     options = SimulatorOptions()
     config = load_config()
@@ -97,7 +97,8 @@ def peak_rss_kib() -> int:
 def raw_insert_seconds(db_url: str, *, indexed: bool, chunk: int = 100_000) -> tuple[float, int]:
     """Copy the staged rows into a twin table (with the same key and indexes, or bare); time
     only the writes: no HTTP, no parsing, no conflict handling."""
-    from include.db import EVENT_INDEXES, make_engine
+    from include.database.engine import make_engine
+    from include.database.schema import EVENT_INDEXES
 
     engine = make_engine(db_url)
     postgres = engine.dialect.name == "postgresql"

@@ -148,7 +148,9 @@ def _drop_database(kind: str) -> None:
 
 def prepare(url: str, events: int) -> None:
     """Create the schema and write the frames (not timed)."""
-    from include.db import bulk_write, ensure_schema, make_engine, recipients
+    from include.database.engine import make_engine
+    from include.database.schema import ensure_schema, recipients
+    from include.database.sql import bulk_write
 
     config = parse_config(CONFIG)
     engine = make_engine(url)
@@ -201,8 +203,8 @@ def _children_peak_kib(stop: threading.Event, peak: list[int]) -> None:
 
 def run_matching(url: str, queue: multiprocessing.Queue) -> None:
     """In a fresh process: the whole matching step, timed, and this process's peak RSS."""
-    from include.db import make_engine
-    from include.matching import match_ready_events
+    from include.database.engine import make_engine
+    from include.matching.run import match_ready_events
 
     config = parse_config(CONFIG)
     engine = make_engine(url)

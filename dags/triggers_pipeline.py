@@ -66,7 +66,7 @@ def triggers_pipeline() -> None:
     @task
     def authenticate() -> dict[str, Any]:
         """Obtain (or reuse) the IMS token; only its expiry goes to XCom, never the token."""
-        from include.hooks import AdobePipelineHook
+        from include.adobe.hook import AdobePipelineHook
 
         if _run_window()[1] is not None:
             return {"skipped": "backfill runs do not drain"}
@@ -76,10 +76,10 @@ def triggers_pipeline() -> None:
     @task
     def drain(_token: dict[str, Any]) -> dict[str, Any]:
         """Stage every journal event after the stored position."""
+        from include.adobe.hook import AdobePipelineHook
         from include.config import Settings, load_config
-        from include.db import make_engine
-        from include.drain import drain as drain_journal
-        from include.hooks import AdobePipelineHook
+        from include.database.engine import make_engine
+        from include.staging.drain import drain as drain_journal
 
         if _run_window()[1] is not None:
             return {"received": 0, "skipped": "backfill"}
@@ -93,8 +93,8 @@ def triggers_pipeline() -> None:
     def match(_drained: dict[str, Any]) -> dict[str, int]:
         """Decide who gets which email for every ready event (or the backfill interval's)."""
         from include.config import Settings, load_config
-        from include.db import make_engine
-        from include.matching import match_ready_events
+        from include.database.engine import make_engine
+        from include.matching.run import match_ready_events
 
         now, interval, _ = _run_window()
         settings = Settings.from_env()
@@ -107,8 +107,8 @@ def triggers_pipeline() -> None:
         from airflow.sdk import BaseHook
 
         from include.config import Settings, load_config
-        from include.db import make_engine
-        from include.delivery import SmtpSettings, deliver_pending
+        from include.database.engine import make_engine
+        from include.delivery.sender import SmtpSettings, deliver_pending
 
         _, interval, run_id = _run_window()
         settings = Settings.from_env()
@@ -123,8 +123,8 @@ def triggers_pipeline() -> None:
     def report(drained: dict[str, Any], matched: dict[str, int], delivered: dict[str, int]) -> dict[str, Any]:
         """Record the run's counts and lag; they show in this task's XCom and the status view."""
         from include.config import Settings
-        from include.db import make_engine
-        from include.run_report import record_run
+        from include.database.engine import make_engine
+        from include.operations.report import record_run
 
         now, _, run_id = _run_window()
         settings = Settings.from_env()

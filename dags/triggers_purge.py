@@ -41,8 +41,8 @@ def triggers_purge():
     def purge_expired_rows() -> dict:
         """Delete staged events and deliveries older than their retention; return the counts."""
         from include.config import Settings, load_config
-        from include.db import make_engine
-        from include.purge import purge
+        from include.database.engine import make_engine
+        from include.operations.purge import purge
 
         context = get_current_context()
         interval_end = context.get("data_interval_end") or context.get("dag_run").run_after

@@ -62,7 +62,7 @@ def _now() -> float:
 
 @lru_cache(maxsize=4)
 def _engine(url: str) -> Any:
-    from include.db import make_engine
+    from include.database.engine import make_engine
 
     return make_engine(url)
 
@@ -96,7 +96,7 @@ def _read_status(days: int) -> dict[str, Any]:
 
         from include.config import Settings, load_config
         from include.errors import TriggersError
-        from include.status import pipeline_status
+        from include.operations.status import pipeline_status
     except ImportError as error:
         return {"error": f"cannot import the project ({error}); put the project root on PYTHONPATH"}
     settings = Settings.from_env()

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from include import cli
-from include.audience import email_is_valid, load_recipients, parse_opted_out
+from include.audience.load import email_is_valid, load_recipients, parse_opted_out
 from include.errors import AudienceError
 
 HEADER = "recipient_id,email,first_name,last_name,locale,shopper_id,mc_id,opted_out\n"

@@ -30,13 +30,13 @@ import pytest
 import yaml
 from sqlalchemy import Engine, text
 
-from include.audience import load_recipients
+from include.audience.load import load_recipients
 from include.config import load_config
-from include.db import make_engine
-from include.matching import match_ready_events
-from include.simulator import EventFactory, SimulatorOptions, write_audience_csv
-from include.smtp_server import LocalSmtpServer
-from include.staging import import_export
+from include.database.engine import make_engine
+from include.matching.run import match_ready_events
+from include.sandbox.simulator import EventFactory, SimulatorOptions, write_audience_csv
+from include.sandbox.smtp_server import LocalSmtpServer
+from include.staging.stager import import_export
 from tests.airflow_harness import ROOT, AirflowHarness, wait_for
 
 pytestmark = pytest.mark.slow

@@ -32,7 +32,9 @@ from typing import Any
 
 import pytest
 
-from include.db import bulk_write, deliveries, ensure_schema, make_engine, pipeline_runs, pipeline_state
+from include.database.engine import make_engine
+from include.database.schema import deliveries, ensure_schema, pipeline_runs, pipeline_state
+from include.database.sql import bulk_write
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy import Engine, text
 
-from include.db import bulk_write, ensure_schema, recipients
+from include.database.schema import ensure_schema, recipients
+from include.database.sql import bulk_write
 
 COLUMNS = ["recipient_id", "email", "opted_out"]
 

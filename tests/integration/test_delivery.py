@@ -19,10 +19,11 @@ import pytest
 from sqlalchemy import Engine, select, text
 
 from include.config import DEFAULT_TEMPLATES_DIR, TriggersConfig, load_config
-from include.db import bulk_write, deliveries, ensure_schema, recipients
-from include.delivery import SmtpSettings, deliver_pending
+from include.database.schema import deliveries, ensure_schema, recipients
+from include.database.sql import bulk_write
+from include.delivery.sender import SmtpSettings, deliver_pending
 from include.errors import SmtpUnavailableError
-from include.smtp_server import LocalSmtpServer
+from include.sandbox.smtp_server import LocalSmtpServer
 
 ROOT = Path(__file__).resolve().parents[2]
 CART_TRIGGER = "3e8a2ba7-fccc-49bb-bdac-33ee33cf02bf"
@@ -251,8 +252,8 @@ KILLED_WORKER = textwrap.dedent(
     import sys
     from types import SimpleNamespace
     from include.config import DEFAULT_TEMPLATES_DIR, load_config
-    from include.db import make_engine
-    from include.delivery import SmtpSettings, deliver_pending
+    from include.database.engine import make_engine
+    from include.delivery.sender import SmtpSettings, deliver_pending
     url, port = sys.argv[1], int(sys.argv[2])
     config = load_config(None, DEFAULT_TEMPLATES_DIR)
     config = config.model_copy(update={"limits": config.limits.model_copy(update={"rate": None})})

@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import Engine
 
 from include.config import DEFAULT_TEMPLATES_DIR, TriggersConfig, load_config
-from include.db import make_engine
-from include.delivery import SmtpSettings, deliver_pending
-from include.smtp_server import LocalSmtpServer
+from include.database.engine import make_engine
+from include.delivery.sender import SmtpSettings, deliver_pending
+from include.sandbox.smtp_server import LocalSmtpServer
 from tests.integration.test_delivery import ROOT, deliver, received_ids, rows, seed
 
 

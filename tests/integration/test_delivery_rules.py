@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from include.delivery import RateLimiter, SmtpSettings, _claim_is_orphaned, _dot_stuffed
+from include.delivery.sender import RateLimiter, SmtpSettings, _claim_is_orphaned, _dot_stuffed
 from include.errors import SmtpUnavailableError
 
 

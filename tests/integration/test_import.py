@@ -6,10 +6,10 @@ import numpy as np
 from sqlalchemy import func, select
 
 from include.config import load_config
-from include.db import events_table
-from include.matching import match_ready_events
-from include.simulator import EventFactory, SimulatorOptions
-from include.staging import import_export
+from include.database.schema import events_table
+from include.matching.run import match_ready_events
+from include.sandbox.simulator import EventFactory, SimulatorOptions
+from include.staging.stager import import_export
 
 START = 1_767_571_200.0  # 2026-01-05 00:00 UTC
 

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from include.auth import ImsAuthenticator, PipelineCredentials
+from include.adobe.auth import ImsAuthenticator, PipelineCredentials
+from include.adobe.journal import JournalClient, JournalDrained, JournalPage
 from include.config import parse_config
-from include.db import events_table, make_engine, pipeline_state
-from include.drain import drain
+from include.database.engine import make_engine
+from include.database.schema import events_table, pipeline_state
 from include.errors import (
     AuthenticationError,
     JournalGoneError,
@@ -25,9 +26,9 @@ from include.errors import (
     PipelineRequestError,
     PipelineUnavailableError,
 )
-from include.journal import JournalClient, JournalDrained, JournalPage
-from include.keys import connection_json, create_key_pair
-from include.simulator import Simulator, SimulatorOptions
+from include.sandbox.keys import connection_json, create_key_pair
+from include.sandbox.simulator import Simulator, SimulatorOptions
+from include.staging.drain import drain
 from tests.conftest import ROOT
 
 CART = "3e8a2ba7-fccc-49bb-bdac-33ee33cf02bf"
@@ -242,7 +243,7 @@ def test_410_fails_by_default_and_can_restart_from_oldest(simulator, key_pair, t
     engine = make_engine(f"sqlite:///{tmp_path / 'gone.db'}")
     authenticator = ImsAuthenticator(credentials_for(simulator, key_pair))
     first = json.loads(client_for(simulator, key_pair).fetch(None, 1).body)  # oldest retained
-    from include.staging import Stager
+    from include.staging.stager import Stager
 
     stager = Stager(engine, config())
     stager.stage(stager.parser.parse_page(json.dumps(first).encode(), time.time()), pipeline_host="h", fetched_at=0)
@@ -304,7 +305,7 @@ def test_a_token_expiring_in_the_middle_of_a_drain_is_renewed(simulator, key_pai
 
 
 def test_the_same_page_staged_twice_is_stored_once(simulator, key_pair, engine):
-    from include.staging import Stager
+    from include.staging.stager import Stager
 
     stager = Stager(engine, config())
     body = client_for(simulator, key_pair).fetch(None, 100).body
@@ -318,7 +319,7 @@ def test_a_dimension_added_to_the_configuration_is_filled_for_staged_events(simu
     authenticator = ImsAuthenticator(credentials_for(simulator, key_pair))
     drain(engine, config(), authenticator)
     wider = parse_config(CONFIG_YAML.replace("where: [", "where: [{dimension: products, op: contains, value: SKU}, "))
-    from include.staging import Stager
+    from include.staging.stager import Stager
 
     table = Stager(engine, wider).table
     with engine.connect() as conn:
@@ -377,8 +378,8 @@ def test_sigkill_in_the_middle_of_a_drain_then_drain_again(key_pair, db_url, tmp
 @pytest.mark.parametrize("simulator", [{"events": 3000, "duplicate_share": 0.05, "malformed_share": 0.02}], indirect=True)
 def test_pages_that_arrive_during_a_write_join_the_next_transaction_up_to_a_cap(simulator, key_pair, engine, tmp_path,
                                                                                 monkeypatch):
-    import include.drain as drain_module
-    from include.staging import Stager
+    import include.staging.drain as drain_module
+    from include.staging.stager import Stager
 
     transactions = []
 

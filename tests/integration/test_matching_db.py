@@ -10,8 +10,11 @@ import pytest
 from sqlalchemy import Engine, inspect, text
 
 from include.config import dimension_column, parse_config
-from include.db import VALUE_SEPARATOR, bulk_write, ensure_schema, make_engine, recipients
-from include.matching import (
+from include.database.engine import make_engine
+from include.database.schema import VALUE_SEPARATOR, ensure_schema, recipients
+from include.database.sql import bulk_write
+from include.delivery.eligibility import still_eligible
+from include.matching.run import (
     DELIVERY_COLUMNS,
     AudienceReader,
     _BatchWriter,
@@ -19,7 +22,6 @@ from include.matching import (
     compile_rules,
     match_ready_events,
     read_frontier,
-    still_eligible,
     write_batch,
 )
 from tests.conftest import new_database_url
@@ -243,7 +245,7 @@ def test_dedupe_and_cap_remember_live_deliveries_but_not_failed_or_suppressed(en
     base = {"campaign_id": "browse_abandonment", "recipient_id": "r1", "email": "ann@example.com",
             "event_time": T0 - HOUR, "decided_at": T0, "attempts": 0}
     ensure_schema(engine, CONFIG.dimensions)
-    from include.db import deliveries
+    from include.database.schema import deliveries
 
     for status, expected in [("failed", "pending"), ("suppressed", "pending"), ("sent", "dedupe")]:
         with engine.begin() as conn:
@@ -306,7 +308,7 @@ def test_still_eligible_rechecks_opt_out_email_and_late_cancelling_events(engine
 
 
 def test_a_list_parameter_keeps_every_value_as_it_is(engine: Engine) -> None:
-    from include.matching import _member, _values
+    from include.matching.run import _member, _values
 
     values = ['plain', 'a,b', '{brace}', 'say "hi"', 'back\\slash', 'NULL', '', ' spaced ', 'é\x1fx']
     with engine.connect() as conn:

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from include.audience import load_recipients
-from include.db import deliveries, events_table, make_engine, pipeline_runs
-from include.demo import AIRFLOW, airflow_environment
-from include.keys import create_key_pair
-from include.simulator import Simulator, SimulatorOptions, write_audience_csv
-from include.smtp_server import LocalSmtpServer
+from include.audience.load import load_recipients
+from include.database.engine import make_engine
+from include.database.schema import deliveries, events_table, pipeline_runs
+from include.sandbox.demo import AIRFLOW, airflow_environment
+from include.sandbox.keys import create_key_pair
+from include.sandbox.simulator import Simulator, SimulatorOptions, write_audience_csv
+from include.sandbox.smtp_server import LocalSmtpServer
 
 pytestmark = pytest.mark.slow
 

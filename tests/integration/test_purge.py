@@ -1,4 +1,4 @@
-"""The purge (include/purge.py) on SQLite and PostgreSQL: what goes, what stays, in batches."""
+"""The purge (include/operations/purge.py) on SQLite and PostgreSQL: what goes, what stays, in batches."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from include.config import parse_config
-from include.db import bulk_write, deliveries, ensure_schema, events_table, pipeline_runs
-from include.purge import delivery_retention, purge
+from include.database.schema import deliveries, ensure_schema, events_table, pipeline_runs
+from include.database.sql import bulk_write
+from include.operations.purge import delivery_retention, purge
 
 NOW = 1_767_225_600.0
 DAY = 86400.0
@@ -57,7 +58,7 @@ def test_purge_keeps_waiting_events_and_recent_rows(engine: Engine, caplog: pyte
     with engine.begin() as conn:
         bulk_write(conn, pipeline_runs, ["run_id", "started_at"], [("run-old", ancient), ("run-recent", kept)])
 
-    with caplog.at_level(logging.WARNING, logger="include.purge"):
+    with caplog.at_level(logging.WARNING, logger="include.operations.purge"):
         result = purge(engine, config, now=NOW, batch_size=2)
 
     assert (result.events_deleted, result.deliveries_deleted, result.runs_deleted) == (4, 3, 1)

@@ -19,8 +19,8 @@ import pytest
 import requests
 
 from include.errors import ConfigError, CredentialsError
-from include.keys import connection_json, create_key_pair
-from include.simulator import (
+from include.sandbox.keys import connection_json, create_key_pair
+from include.sandbox.simulator import (
     BROWSE_ABANDONMENT,
     CART_ABANDONMENT,
     PURCHASE,

@@ -1,4 +1,4 @@
-"""The status figures (include/status.py) and the Airflow UI view that shows them
+"""The status figures (include/operations/status.py) and the Airflow UI view that shows them
 (plugins/triggers_status.py), on SQLite and PostgreSQL, from rows written with db.bulk_write."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 
-from include.db import bulk_write, deliveries, ensure_schema, pipeline_runs, pipeline_state
-from include.status import hour_number, pipeline_status
+from include.database.schema import deliveries, ensure_schema, pipeline_runs, pipeline_state
+from include.database.sql import bulk_write
+from include.operations.status import hour_number, pipeline_status
 
 ROOT = Path(__file__).resolve().parents[2]
 CONSUMER = "customer_dev"  # the default configuration's consumer

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from include.config import TriggersConfig, dimension_column, parse_config
-from include.db import VALUE_SEPARATOR as SEP
-from include.matching import (
+from include.database.schema import VALUE_SEPARATOR as SEP
+from include.matching.run import (
     compile_rules,
     condition_holds,
     decide,

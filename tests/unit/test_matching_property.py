@@ -20,8 +20,10 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 
 from include.config import dimension_column, parse_config
-from include.db import VALUE_SEPARATOR, bulk_write, ensure_schema, make_engine, recipients
-from include.matching import latest_ready_time, match_ready_events
+from include.database.engine import make_engine
+from include.database.schema import VALUE_SEPARATOR, ensure_schema, recipients
+from include.database.sql import bulk_write
+from include.matching.run import latest_ready_time, match_ready_events
 
 T0 = 1_767_225_600.0
 TRIGGERS = {"cart": "T-CART", "browse": "T-BROWSE", "purchase": "T-BUY"}

@@ -12,8 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from include.config import DEFAULT_TEMPLATES_DIR
+from include.delivery.render import (
+    Renderer,
+    event_context,
+    message_id_for,
+    normalize_email,
+    unsubscribe_url_for,
+)
 from include.errors import InvalidEmailError, TemplateRenderError
-from include.render import Renderer, event_context, message_id_for, normalize_email, unsubscribe_url_for
 
 CAMPAIGN = SimpleNamespace(id="cart_abandonment", template="cart_abandonment", sender="Shop <shop@example.com>")
 EVENT = event_context("3e8a2ba7", 1767225912.0, {" products": ["SKU-1042", "<script>alert(1)</script>"], "eVar01": ["SHOP-1"]})

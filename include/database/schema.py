@@ -8,10 +8,8 @@ joined by ``VALUE_SEPARATOR`` in hit order.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -27,8 +25,6 @@ from sqlalchemy import (
     Table,
     Text,
     bindparam,
-    create_engine,
-    event,
     inspect,
     select,
     text,
@@ -36,7 +32,6 @@ from sqlalchemy import (
 )
 
 from include.config import dimension_column
-from include.errors import ConfigError
 
 SQLITE_CACHE_KIB = 256 * 1024
 COPY_PART_ROWS = 5_000  # rows per COPY on PostgreSQL
@@ -152,26 +147,6 @@ def events_table(dimensions: tuple[str, ...] = ()) -> Table:
     return table
 
 
-def make_engine(url: str) -> Engine:
-    """An engine tuned for batched writes: WAL and a busy timeout on SQLite."""
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, pool_pre_ping=True)
-    if engine.dialect.name == "sqlite":
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")  # durable at each commit in WAL mode
-            cursor.execute("PRAGMA busy_timeout=30000")
-            # index updates of large batches thrash the 2 MB default (measured: 2x on 1M events)
-            cursor.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
-            cursor.close()
-
-    return engine
-
-
 def ensure_schema(engine: Engine, dimensions: Sequence[str] = ()) -> Table:
     """Create missing tables and ``dim_*`` columns; return the events table to write to.
 
@@ -248,7 +223,7 @@ def _ensure_frontier_triggers(conn: Connection) -> None:
 
 
 def _fill_dimension_columns(conn: Connection, table: Table, names: Sequence[str]) -> None:
-    from include.events import dimension_columns_of  # events imports this module
+    from include.staging.parser import dimension_columns_of  # events imports this module
 
     statement = (
         update(table)
@@ -266,88 +241,3 @@ def _fill_dimension_columns(conn: Connection, table: Table, names: Sequence[str]
             conn.execute(statement, updates)
 
 
-def driver_sql(bind: Connection | Engine, sql: str) -> str:
-    """``sql`` with its ``:name`` parameters in the driver's style, for the DBAPI cursor or
-    ``exec_driver_sql``: psycopg takes ``%(name)s``, sqlite3 ``:name`` as it is (``::`` casts stay)."""
-    if bind.dialect.name == "postgresql":
-        return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql)
-    return sql
-
-
-def bulk_write(
-    conn: Connection,
-    table: Table,
-    columns: Sequence[str],
-    rows: Sequence[Sequence[Any]],
-    *,
-    conflict: str = "nothing",
-    key: Sequence[str] | None = None,
-) -> int:
-    """Insert many rows in the caller's transaction; return how many rows were written.
-
-    ``conflict="nothing"`` skips rows whose key exists (idempotent staging), ``"update"``
-    overwrites the non-key columns (upsert). PostgreSQL gets one COPY into the table when no key
-    is taken (``"nothing"``), else, per part of COPY_PART_ROWS rows, COPY into a temporary table
-    and one ``INSERT ... ON CONFLICT``; SQLite one prepared ``executemany``.
-    """
-    if not rows:
-        return 0
-    key = list(key or [c.name for c in table.primary_key.columns])
-    names = ", ".join(f'"{c}"' for c in columns)
-    if conflict == "nothing":
-        on_conflict = f"ON CONFLICT ({', '.join(key)}) DO NOTHING"
-    else:
-        updates = ", ".join(f'"{c}" = excluded."{c}"' for c in columns if c not in key)
-        on_conflict = f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}"
-    dbapi = conn.connection.dbapi_connection
-    cursor = dbapi.cursor()
-    try:
-        if conn.dialect.name == "postgresql":
-            if not hasattr(cursor, "copy"):
-                raise ConfigError("PostgreSQL URLs must use psycopg 3: postgresql:// or postgresql+psycopg://")
-            if conflict == "nothing":
-                # straight into the table while no key is taken (the usual case): ~40 % less server
-                # CPU than ON CONFLICT from a temporary table (measured: 805k deliveries, 13 s vs 22 s)
-                copied = _copy_unless_taken(conn, cursor, table.name, names, rows)
-                if copied is not None:
-                    return copied
-            # named by its columns: a connection may outlive an ALTER TABLE that adds one
-            staging = f"_bulk_{table.name}_{len(table.c)}"
-            cursor.execute(
-                f"CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-            )
-            select = f"SELECT {names} FROM {staging}"
-            if conflict == "update":  # ON CONFLICT DO UPDATE refuses a key twice in one statement
-                select = f"SELECT DISTINCT ON ({', '.join(key)}) {names} FROM {staging}"
-            written = 0
-            # in parts: the temporary table of a part fits its buffers (temp_buffers)
-            for start in range(0, len(rows), COPY_PART_ROWS):
-                cursor.execute(f"TRUNCATE {staging}")
-                # psycopg adapts each row in C: twice as fast as building CSV text in Python
-                with cursor.copy(f"COPY {staging} ({names}) FROM STDIN") as copy:
-                    for row in rows[start:start + COPY_PART_ROWS]:
-                        copy.write_row(row)
-                cursor.execute(f"INSERT INTO {table.name} ({names}) {select} {on_conflict}")
-                written += cursor.rowcount
-            return written
-        marks = ", ".join("?" for _ in columns)
-        cursor.executemany(f"INSERT INTO {table.name} ({names}) VALUES ({marks}) {on_conflict}", rows)
-        return cursor.rowcount
-    finally:
-        cursor.close()
-
-
-def _copy_unless_taken(conn: Connection, cursor: Any, table: str, names: str, rows: Sequence[Sequence[Any]]) -> int | None:
-    """COPY the rows into ``table`` in a savepoint; None (nothing written) when a key was taken."""
-    import psycopg
-
-    savepoint = conn.begin_nested()
-    try:
-        with cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
-    except psycopg.errors.UniqueViolation:
-        savepoint.rollback()
-        return None
-    savepoint.commit()
-    return len(rows)

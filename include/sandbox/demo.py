@@ -19,7 +19,8 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from include.config import PROJECT_DIR
-from include.db import deliveries, events_table, make_engine
+from include.database.engine import make_engine
+from include.database.schema import deliveries, events_table
 
 VAR = PROJECT_DIR / "var" / "demo"
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))  # the CLI of this interpreter's environment
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def airflow_environment(workdir: Path, simulator_url: str, smtp_port: int, private_key: Path, options,
                         db_url: str) -> dict[str, str]:
     """The environment of an Airflow command run against the simulator and a local SMTP server."""
-    from include.keys import connection_json
+    from include.sandbox.keys import connection_json
 
     airflow_home = workdir / "airflow"
     return {
@@ -60,10 +61,10 @@ def airflow_environment(workdir: Path, simulator_url: str, smtp_port: int, priva
 
 
 def main(args: argparse.Namespace) -> int:
-    from include.audience import load_recipients
-    from include.keys import create_key_pair
-    from include.simulator import Simulator, SimulatorOptions, write_audience_csv
-    from include.smtp_server import LocalSmtpServer
+    from include.audience.load import load_recipients
+    from include.sandbox.keys import create_key_pair
+    from include.sandbox.simulator import Simulator, SimulatorOptions, write_audience_csv
+    from include.sandbox.smtp_server import LocalSmtpServer
 
     VAR.mkdir(parents=True, exist_ok=True)
     database = VAR / "triggers.db"

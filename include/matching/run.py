@@ -45,7 +45,6 @@ range per trigger from there, merged in time order.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
@@ -60,9 +59,10 @@ import pandas as pd
 from sqlalchemy import Connection, Engine, text
 
 from include.config import WILDCARD, Campaign, Condition, TriggersConfig, dimension_column
-from include.db import VALUE_SEPARATOR, bulk_write, deliveries, driver_sql
-from include.events import IMPORTED_POSITION
+from include.database.schema import VALUE_SEPARATOR, deliveries
+from include.database.sql import bulk_write, driver_sql, in_list, list_param
 from include.runtime import collector_paused, spawn_pool
+from include.staging.parser import IMPORTED_POSITION
 
 LIVE_STATUSES = ("pending", "sending", "sent")
 STAGED_STATUSES = ("new", "matched", "unmatched")  # events that can cancel (not quarantined/ignored)
@@ -239,7 +239,7 @@ def in_decision_order(events: pd.DataFrame) -> pd.DataFrame:
         ids = events["event_id"].to_numpy(dtype=object)
         if all(ids[i] < ids[i + 1] for i in ties.tolist()):
             return events
-    return events.sort_values(["time_gmt", "event_id"], kind="stable")
+    return events.sortvalues(["time_gmt", "event_id"], kind="stable")
 
 
 CANDIDATE_COLUMNS = ("order", "rule", "campaign_id", "event_id", "time_gmt", "identity", "match_values")
@@ -349,7 +349,7 @@ def person_columns(rules: Sequence[Rule]) -> list[str]:
 
 def audience_reasons(candidates: pd.DataFrame) -> pd.Series:
     """Why the audience rules out each candidate (None: it does not)."""
-    from include.audience import email_is_valid
+    from include.audience.load import email_is_valid
 
     email = _text(candidates["email"])
     reasons = np.full(len(candidates), None, dtype=object)
@@ -569,25 +569,6 @@ def decide(
 # --- the database edges -----------------------------------------------------------------------
 
 
-def _member(conn: Connection, column: str, name: str) -> str:
-    """SQL for ``column`` in the list bound as ``name`` (one parameter, any length)."""
-    if conn.dialect.name == "postgresql":
-        return f"{column} = ANY(CAST(:{name} AS text[]))"
-    return f"{column} IN (SELECT value FROM json_each(:{name}))"
-
-
-def _values(conn: Connection, values: Iterable[Any]) -> str:
-    """The list as one text parameter: a JSON array (SQLite) or an array literal (PostgreSQL),
-    built in C by ``join``: the drivers' own list adapters cost ~5 µs an element."""
-    values = list(values)
-    if conn.dialect.name != "postgresql":
-        return json.dumps(values)
-    body = '","'.join(values)
-    if "\\" in body or body.count('"') != 2 * max(len(values) - 1, 0):  # a value holds a quote or backslash
-        body = '","'.join(v.replace("\\", "\\\\").replace('"', '\\"') for v in values)
-    return '{"' + body + '"}' if values else "{}"
-
-
 def _frame(
     conn: Connection, sql: str, params: dict[str, Any], columns: Sequence[str], floats: Sequence[str] = ()
 ) -> pd.DataFrame:
@@ -741,8 +722,8 @@ def read_recipients(conn: Connection, lookups: dict[str, Iterable[str]], rules: 
     for column, values in lookups.items():
         values = list({v for v in values if v})
         if values:
-            sql = f"SELECT {', '.join(map(_quoted, columns))} FROM recipients WHERE {_member(conn, _quoted(column), 'values')}"
-            parts.append(_frame(conn, sql, {"values": _values(conn, values)}, columns))
+            sql = f"SELECT {', '.join(map(_quoted, columns))} FROM recipients WHERE {in_list(conn, _quoted(column), 'values')}"
+            parts.append(_frame(conn, sql, {"values": list_param(conn, values)}, columns))
     found = pd.concat(parts, ignore_index=True) if parts else _frame_of(columns)
     return found.drop_duplicates("recipient_id").reset_index(drop=True)
 
@@ -801,8 +782,8 @@ def read_cancelling(
         ids = sorted(set().union(*(rule.unless_ids or () for rule in with_unless)))
         if not ids:
             return _frame_of(columns)
-        conditions.append(_member(conn, "trigger_id", "triggers"))
-        params["triggers"] = _values(conn, ids)
+        conditions.append(in_list(conn, "trigger_id", "triggers"))
+        params["triggers"] = list_param(conn, ids)
     sql = f"SELECT {', '.join(map(_quoted, columns))} FROM pipeline_events WHERE {' AND '.join(conditions)}"
     return _frame(conn, sql, params, columns, floats=("time_gmt",))
 
@@ -816,9 +797,9 @@ def read_history(
     if not ids:
         return _no_history()
     statuses = ", ".join(f"'{s}'" for s in LIVE_STATUSES)
-    params: dict[str, Any] = {"ids": _values(conn, ids), "start": start, "end": end}
+    params: dict[str, Any] = {"ids": list_param(conn, ids), "start": start, "end": end}
     sql = (
-        f"SELECT {', '.join(HISTORY_COLUMNS)} FROM deliveries WHERE {_member(conn, 'recipient_id', 'ids')} "
+        f"SELECT {', '.join(HISTORY_COLUMNS)} FROM deliveries WHERE {in_list(conn, 'recipient_id', 'ids')} "
         f"AND event_time >= :start AND event_time <= :end AND status IN ({statuses})"
     )
     if not_decided_at is not None:
@@ -849,11 +830,11 @@ def _mark_events(conn: Connection, events: pd.DataFrame, status: str, at: float)
     if "row_key" in events:
         postgres = conn.dialect.name == "postgresql"
         where = "ctid = ANY(CAST(:keys AS tid[]))" if postgres else "rowid IN (SELECT value FROM json_each(:keys))"
-        keys = _values(conn, events["row_key"].tolist())
+        keys = list_param(conn, events["row_key"].tolist())
         if conn.execute(text(statement + where + " AND status = 'new'"), {**params, "keys": keys}).rowcount == len(events):
             return
-    where = f"{_member(conn, 'event_id', 'ids')} AND status = 'new'"
-    conn.execute(text(statement + where), {**params, "ids": _values(conn, events["event_id"].tolist())})
+    where = f"{in_list(conn, 'event_id', 'ids')} AND status = 'new'"
+    conn.execute(text(statement + where), {**params, "ids": list_param(conn, events["event_id"].tolist())})
 
 
 def _delivery_rows(decisions: pd.DataFrame, decided_at: float) -> list[tuple[Any, ...]]:
@@ -996,7 +977,7 @@ _WRITER_FAILED: list[BaseException] = []  # its first failed write: the later ba
 
 
 def _start_writer_process(url: str) -> None:
-    from include.db import make_engine
+    from include.database.engine import make_engine
 
     _WRITER_ENGINE.append(make_engine(url))
 
@@ -1068,65 +1049,3 @@ def match_ready_events(
         with engine.begin() as conn:
             advance_frontier(conn, rules, frontier, now)
     return counts
-
-
-def still_eligible(conn: Connection, config: TriggersConfig, pending: pd.DataFrame) -> pd.Series:
-    """At send time: None where a decision still holds, else why not (SPEC section 7).
-
-    ``pending`` has delivery_id, campaign_id, recipient_id, event_id, event_time. Reasons:
-    ``unknown_campaign`` (removed from the configuration), ``unknown_recipient``, ``opted_out``,
-    ``no_email``, ``invalid_email`` (as they are now), ``cancelled_by:<trigger>`` (the cancelling
-    event arrived after the decision). Two to three queries per call, whatever its size.
-    """
-    reasons = _objects(np.full(len(pending), None, dtype=object), pending.index)
-    if pending.empty:
-        return reasons
-    rules = compile_rules(config)
-    rule_of = {rule.id: rule for rule in rules}
-    known = pending["campaign_id"].isin(rule_of).to_numpy(dtype=bool)
-    reasons[~known] = "unknown_campaign"
-    rows = pending[known]
-    if rows.empty:
-        return reasons
-    recipient_ids = _text(rows["recipient_id"])
-    audience = Audience(read_recipients(conn, {"recipient_id": set(recipient_ids.tolist()) - {""}}, rules))
-    found = audience.rows(np.where(recipient_ids.to_numpy(dtype=object) == "", None, recipient_ids.to_numpy(dtype=object)))
-    index = rows.index
-    candidates = pd.DataFrame(
-        {
-            "rule": rows["campaign_id"].map({c: r.index for c, r in rule_of.items()}).to_numpy(dtype=np.int64),
-            "event_id": _objects(rows["event_id"].to_numpy(dtype=object), index),
-            "time_gmt": rows["event_time"].to_numpy(dtype=float),
-            "identity": recipient_ids,
-            "recipient_id": _objects(found["recipient_id"].to_numpy(dtype=object), index),
-            "email": _objects(found["email"].to_numpy(dtype=object), index),
-            "opted_out": found["opted_out"].fillna(False).to_numpy(dtype=bool),
-            "match_values": _objects([""] * len(rows), index),
-        },
-        index=index,
-    )
-    for column in person_columns(rules):
-        candidates[f"person_{column}"] = _objects(found[column].to_numpy(dtype=object), index)
-    audience_reason = audience_reasons(candidates)
-    reasons.loc[index] = audience_reason.to_numpy()
-    with_unless = [r.index for r in rules if r.unless_label]
-    open_rows = candidates[audience_reason.isna().to_numpy() & candidates["rule"].isin(with_unless).to_numpy()].copy()
-    if open_rows.empty:
-        return reasons
-    available = {dimension_column(d) for d in config.dimensions}
-    match_on = sorted({r.match_on for r in rules if r.match_on in available and r.index in set(open_rows["rule"])})
-    if match_on:
-        sql = f"SELECT event_id, {', '.join(map(_quoted, match_on))} FROM pipeline_events WHERE {_member(conn, 'event_id', 'ids')}"
-        origin = _frame(conn, sql, {"ids": _values(conn, open_rows["event_id"].unique().tolist())}, ["event_id", *match_on])
-        origin = origin.drop_duplicates("event_id").set_index("event_id")
-        for rule in rules:
-            mine = (open_rows["rule"] == rule.index).to_numpy()
-            if rule.match_on in match_on and mine.any():
-                values = origin[rule.match_on].reindex(open_rows.loc[mine, "event_id"].to_numpy(dtype=object))
-                open_rows.loc[mine, "match_values"] = _text(values).to_numpy(dtype=object)
-    max_hold = max(rule.hold for rule in rules)
-    times = open_rows["time_gmt"].to_numpy(dtype=float)
-    cancelling = read_cancelling(conn, config, rules, float(times.min()), float(times.max()) + max_hold)
-    cancelled = cancellations(open_rows, cancelling, rules).dropna()
-    reasons.loc[cancelled.index] = cancelled.to_numpy()
-    return reasons

@@ -9,7 +9,7 @@ The protocol of one delivery row::
                                                                          failed after max_attempts)
 
 * **Eligibility** is checked again just before each batch is claimed
-  (:func:`include.matching.still_eligible`): opted out, cancelled... -> ``suppressed``.
+  (:func:`include.delivery.eligibility.still_eligible`): opted out, cancelled... -> ``suppressed``.
 * **Recording**: the 250 is written by a recorder thread that commits whatever results are waiting
   in one transaction (group commit): when idle every message gets its own commit right after its
   250; under load a commit covers the messages that arrived during the previous one. A connection
@@ -37,7 +37,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -47,9 +47,10 @@ from typing import Any
 from sqlalchemy import Engine, text, update
 
 from include.config import TriggersConfig
-from include.db import deliveries, driver_sql, ensure_schema, recipients
-from include.errors import InvalidEmailError, SmtpUnavailableError, TemplateRenderError
-from include.render import (
+from include.database.schema import deliveries, ensure_schema, recipients
+from include.database.sql import driver_sql
+from include.delivery.eligibility import recheck_eligibility
+from include.delivery.render import (
     DEFAULT_UNSUBSCRIBE_URL,
     UNSUBSCRIBE_URL_ENV,
     RenderedEmail,
@@ -58,6 +59,7 @@ from include.render import (
     normalize_email,
     unsubscribe_url_for,
 )
+from include.errors import InvalidEmailError, SmtpUnavailableError, TemplateRenderError
 from include.runtime import spawn_pool
 
 log = logging.getLogger(__name__)
@@ -195,47 +197,6 @@ class RateLimiter:
 
 
 # ---------------------------------------------------------------------------------------------
-# Send-time eligibility (SPEC section 7)
-# ---------------------------------------------------------------------------------------------
-def _matching_still_eligible() -> Callable[..., Any] | None:
-    try:
-        from include.matching import still_eligible
-    except ImportError:
-        return None
-    return still_eligible
-
-
-def recheck_eligibility(conn: Any, config: TriggersConfig, rows: list[Mapping[str, Any]]) -> list[str | None]:
-    """For each row: None if it may still be sent, else the suppression reason.
-
-    The decision is :func:`include.matching.still_eligible` (opted out, cancelling event arrived,
-    campaign removed...). The audience columns already read with the batch give a first answer
-    that does not depend on it: no recipient row -> ``unknown_recipient``, opted out -> ``opted_out``.
-    """
-    import pandas as pd
-
-    reasons: list[str | None] = []
-    for row in rows:
-        if row["r_recipient_id"] is None:
-            reasons.append("unknown_recipient")
-        elif _flag(row["r_opted_out"]):
-            reasons.append("opted_out")
-        else:
-            reasons.append(None)
-    still_eligible = _matching_still_eligible()
-    open_rows = [i for i, reason in enumerate(reasons) if reason is None]
-    if still_eligible is not None and open_rows:
-        frame = pd.DataFrame(
-            {name: [rows[i][name] for i in open_rows] for name in ("delivery_id", "campaign_id", "recipient_id", "event_id", "event_time")}
-        )
-        verdicts = still_eligible(conn, config, frame)
-        for i, verdict in zip(open_rows, verdicts.tolist(), strict=True):
-            if verdict is not None and not (isinstance(verdict, float) and verdict != verdict):
-                reasons[i] = str(verdict)
-    return reasons
-
-
-# ---------------------------------------------------------------------------------------------
 # Rendering, in this process or in render processes (CPU-bound: off the sending process's GIL)
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
@@ -276,7 +237,7 @@ class _RowRenderer:
         dimensions: dict[str, list[Any]] = {}
         if row["e_payload"]:
             try:
-                from include.events import dimension_values
+                from include.staging.parser import dimension_values
 
                 dimensions = dimension_values(row["e_payload"])
             except (ValueError, TypeError, AttributeError):
@@ -1004,7 +965,7 @@ def main(args: argparse.Namespace) -> int:
     from airflow.sdk import BaseHook
 
     from include.config import Settings, load_config
-    from include.db import make_engine
+    from include.database.engine import make_engine
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = Settings.from_env()
@@ -1018,4 +979,4 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__: Iterable[str] = ("SmtpSettings", "RateLimiter", "deliver_pending", "requeue_interrupted", "recheck_eligibility")
+__all__: Iterable[str] = ("SmtpSettings", "RateLimiter", "deliver_pending", "requeue_interrupted")

@@ -18,13 +18,13 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import Engine
 
-from include.auth import ImsAuthenticator
+from include.adobe.auth import ImsAuthenticator
+from include.adobe.journal import JournalClient, JournalDrained, JournalPage
 from include.config import Settings, TriggersConfig, load_config
-from include.db import make_engine
+from include.database.engine import make_engine
 from include.errors import JournalGoneError
-from include.events import ParsedPage
-from include.journal import JournalClient, JournalDrained, JournalPage
-from include.staging import Stager
+from include.staging.parser import ParsedPage
+from include.staging.stager import Stager
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Drain once with the `adobe_pipeline` connection (AIRFLOW_CONN_ADOBE_PIPELINE)."""
-    from include.hooks import AdobePipelineHook
+    from include.adobe.hook import AdobePipelineHook
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = Settings.from_env()

@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, delete, func, inspect, select
 
 from include.config import TriggersConfig
-from include.db import deliveries, events_table, pipeline_runs
+from include.database.schema import deliveries, events_table, pipeline_runs
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def main(args: argparse.Namespace) -> int:
     import json
 
     from include.config import Settings, load_config
-    from include.db import make_engine
+    from include.database.engine import make_engine
 
     settings = Settings.from_env()
     config = load_config(settings.config_path, settings.templates_dir)

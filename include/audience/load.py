@@ -10,7 +10,6 @@ is loaded (matching suppresses it as ``invalid_email``) and counted in the repor
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
 from collections import Counter
@@ -20,7 +19,9 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import Connection, Engine, text
 
-from include.db import bulk_write, make_engine, metadata, recipients
+from include.database.engine import make_engine
+from include.database.schema import metadata, recipients
+from include.database.sql import bulk_write, in_list, list_param
 from include.errors import AudienceError
 
 # One @, a dot in the domain, no empty label, nothing that could split or forge a header.
@@ -50,16 +51,6 @@ def parse_opted_out(values: pd.Series) -> pd.Series:
     result[words.isin(FALSE_WORDS)] = False
     result[words == ""] = None
     return result
-
-
-def _member(conn: Connection, column: str, name: str) -> str:
-    if conn.dialect.name == "postgresql":
-        return f"{column} = ANY(:{name})"
-    return f"{column} IN (SELECT value FROM json_each(:{name}))"
-
-
-def _bind(conn: Connection, values: list[str]) -> Any:
-    return values if conn.dialect.name == "postgresql" else json.dumps(values)
 
 
 def _header(path: Path) -> list[str]:
@@ -109,13 +100,13 @@ class _Load:
     def existing(self, chunk: pd.DataFrame) -> pd.DataFrame:
         """Rows of ``recipients`` sharing a recipient_id, shopper_id or mc_id with the chunk."""
         wanted = {"ids": [v for v in chunk["recipient_id"].unique().tolist() if v]}
-        conditions = [_member(self.conn, "recipient_id", "ids")]
+        conditions = [in_list(self.conn, "recipient_id", "ids")]
         for column in UNIQUE_IDENTITIES:
             if column in chunk:
                 wanted[column] = [v for v in chunk[column].unique().tolist() if v]
-                conditions.append(_member(self.conn, column, column))
+                conditions.append(in_list(self.conn, column, column))
         sql = f"SELECT recipient_id, shopper_id, mc_id, opted_out FROM recipients WHERE {' OR '.join(conditions)}"
-        rows = self.conn.execute(text(sql), {k: _bind(self.conn, v) for k, v in wanted.items()}).fetchall()
+        rows = self.conn.execute(text(sql), {k: list_param(self.conn, v) for k, v in wanted.items()}).fetchall()
         return pd.DataFrame.from_records(rows, columns=["recipient_id", "shopper_id", "mc_id", "opted_out"])
 
     def chunk(self, chunk: pd.DataFrame, first_line: int) -> None:

@@ -6,14 +6,14 @@ from typing import Any
 
 from airflow.sdk import BaseHook
 
-from include.auth import ImsAuthenticator, PipelineCredentials
+from include.adobe.auth import ImsAuthenticator, PipelineCredentials
 from include.errors import TriggersError
 
 
 class AdobePipelineHook(BaseHook):
     """Authenticates to Adobe IMS with the `adobe_pipeline` connection (SPEC section 1).
 
-    ``get_conn()`` returns an :class:`~include.auth.ImsAuthenticator` whose token is cached
+    ``get_conn()`` returns an :class:`~include.adobe.auth.ImsAuthenticator` whose token is cached
     across tasks and runs until shortly before it expires.
     """
 

@@ -12,11 +12,12 @@ import time
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from include.config import Settings, TriggersConfig, load_config
-from include.db import bulk_write, ensure_schema, make_engine, pipeline_state
-from include.events import EventParser, ParsedPage
+from include.database.engine import make_engine
+from include.database.schema import ensure_schema, pipeline_state
+from include.database.sql import bulk_write, insert_for
+from include.staging.parser import EventParser, ParsedPage
 
 
 @dataclass
@@ -54,7 +55,7 @@ class Stager:
         return StageResult(page.count, staged, page.quarantined, page.ignored)
 
     def _advance(self, conn, page: ParsedPage, staged: int, host: str | None, fetched_at: float, retries: int) -> None:
-        insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+        insert = insert_for(conn)
         values = {
             "consumer": self.consumer,
             "pipeline_host": host,
@@ -89,7 +90,7 @@ def import_export(engine: Engine, config: TriggersConfig, path: str, chunk_size:
     """
     from itertools import islice
 
-    from include.events import IMPORTED_POSITION, read_export
+    from include.staging.parser import IMPORTED_POSITION, read_export
 
     stager = Stager(engine, config)
     counts = {"lines": 0, "staged": 0, "quarantined": 0, "ignored": 0}

@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 
 from include.config import TriggersConfig, dimension_column
-from include.db import VALUE_SEPARATOR
+from include.database.schema import VALUE_SEPARATOR
 from include.errors import PipelineRequestError
 from include.runtime import collector_paused
 

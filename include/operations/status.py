@@ -25,8 +25,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import Connection, Engine, Integer, case, cast, func, inspect, select
 
-from include.db import deliveries, events_table, pipeline_runs, pipeline_state
-from include.run_report import waiting_events
+from include.database.schema import deliveries, events_table, pipeline_runs, pipeline_state
+from include.operations.report import waiting_events
 
 EVENT_STATUSES = ("new", "matched", "unmatched", "ignored", "quarantined")
 PROCESSED_STATUSES = ("matched", "unmatched")
@@ -187,7 +187,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from include.config import Settings, load_config
-    from include.db import make_engine
+    from include.database.engine import make_engine
 
     settings = Settings.from_env()
     config = load_config(settings.config_path, settings.templates_dir)

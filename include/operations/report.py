@@ -7,10 +7,10 @@ import time
 from typing import Any
 
 from sqlalchemy import Connection, Engine, text
-from sqlalchemy.dialects import postgresql, sqlite
 
-from include.db import pipeline_runs
-from include.events import IMPORTED_POSITION
+from include.database.schema import pipeline_runs
+from include.database.sql import insert_for
+from include.staging.parser import IMPORTED_POSITION
 
 
 def run_counts(drained: dict[str, Any], matched: dict[str, Any], delivered: dict[str, Any]) -> dict[str, Any]:
@@ -62,7 +62,7 @@ def record_run(engine: Engine, run_id: str, drained: dict[str, Any], matched: di
     now = time.time()
     counts = run_counts(drained, matched, delivered)
     counts["lag_seconds"] = oldest_unprocessed_age(engine, now)
-    insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+    insert = insert_for(engine)
     values = {"run_id": run_id, "started_at": started_at or now, "finished_at": now,
               "counts": json.dumps(counts, sort_keys=True), "lag_seconds": counts["lag_seconds"]}
     statement = insert(pipeline_runs).values(**values)

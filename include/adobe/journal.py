@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import requests
 
-from include.auth import ImsAuthenticator
+from include.adobe.auth import ImsAuthenticator
 from include.errors import (
     AuthenticationError,
     JournalGoneError,
