@@ -40,19 +40,12 @@ def triggers_purge():
     @task
     def purge_expired_rows() -> dict:
         """Delete staged events and deliveries older than their retention; return the counts."""
-        from include.config import Settings, load_config
-        from include.database.engine import make_engine
         from include.operations.purge import purge
+        from include.resources import RunWindow, open_resources
 
-        context = get_current_context()
-        interval_end = context.get("data_interval_end") or context.get("dag_run").run_after
-        settings = Settings.from_env()
-        engine = make_engine(settings.db_url)
-        try:
-            config = load_config(settings.config_path, settings.templates_dir)
-            return purge(engine, config, now=interval_end.timestamp(), batch_size=_BATCH_SIZE).as_dict()
-        finally:
-            engine.dispose()
+        window = RunWindow.from_context(get_current_context())
+        with open_resources() as res:
+            return purge(res.engine, res.config, now=window.end, batch_size=_BATCH_SIZE).as_dict()
 
     purge_expired_rows()
 

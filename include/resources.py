@@ -49,12 +49,14 @@ class RunWindow:
     ``now`` is the end of the run's data interval, so that rerunning a run reproduces it; for a
     backfill run it is the real now: the interval's last events wait for ``unless`` windows
     that close after its end, and no later backfill run would take them. ``interval`` is the
-    data interval of a backfill run (its events only), else None.
+    data interval of a backfill run (its events only), else None; ``end`` the end of the data
+    interval, whatever the run.
     """
 
     now: float
     interval: tuple[float, float] | None
     run_id: str
+    end: float
 
     @property
     def backfill(self) -> bool:
@@ -66,5 +68,5 @@ class RunWindow:
         end = context.get("data_interval_end") or dag_run.run_after
         start = context.get("data_interval_start") or end
         if str(dag_run.run_type).lower().endswith("backfill"):
-            return cls(time.time(), (start.timestamp(), end.timestamp()), dag_run.run_id)
-        return cls(end.timestamp(), None, dag_run.run_id)
+            return cls(time.time(), (start.timestamp(), end.timestamp()), dag_run.run_id, end.timestamp())
+        return cls(end.timestamp(), None, dag_run.run_id, end.timestamp())

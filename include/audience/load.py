@@ -19,7 +19,6 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import Connection, Engine, text
 
-from include.database.engine import make_engine
 from include.database.schema import metadata, recipients
 from include.database.sql import bulk_write, in_list, list_param
 from include.errors import AudienceError
@@ -202,13 +201,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from include.config import Settings
+    from include.resources import open_resources
 
-    engine = make_engine(Settings.from_env().db_url)
-    try:
-        report = load_recipients(engine, args.path, chunk_size=args.chunk_size)
-    finally:
-        engine.dispose()
+    with open_resources(load=False) as res:
+        report = load_recipients(res.engine, args.path, chunk_size=args.chunk_size)
     print(
         f"{args.path}: {report['loaded']} loaded ({report['inserted']} new, {report['updated']} updated), "
         f"{report['rejected']} rejected"

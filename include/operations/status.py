@@ -186,14 +186,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from include.config import Settings, load_config
-    from include.database.engine import make_engine
+    from include.resources import open_resources
 
-    settings = Settings.from_env()
-    config = load_config(settings.config_path, settings.templates_dir)
-    engine = make_engine(settings.db_url)
-    try:
-        print(json.dumps(pipeline_status(engine, config.pipeline.consumer, days=args.days), indent=2))
-    finally:
-        engine.dispose()
+    with open_resources() as res:
+        print(json.dumps(pipeline_status(res.engine, res.config.pipeline.consumer, days=args.days), indent=2))
     return 0

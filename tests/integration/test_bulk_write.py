@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import Engine, text
 
 from include.database.schema import ensure_schema, recipients
-from include.database.sql import bulk_write
+from include.database.sql import bulk_write, in_list, list_param
 
 COLUMNS = ["recipient_id", "email", "opted_out"]
 
@@ -40,3 +40,14 @@ def test_upsert_overwrites_the_other_columns(engine: Engine) -> None:
         bulk_write(conn, recipients, COLUMNS, [("r1", "new@example.com", False), ("r2", "two@example.com", False)],
                    conflict="update")
     assert emails(engine) == {"r1": "new@example.com", "r2": "two@example.com"}
+
+
+def test_a_list_parameter_keeps_every_value_as_it_is(engine: Engine) -> None:
+    values = ['plain', 'a,b', '{brace}', 'say "hi"', 'back\\slash', 'NULL', '', ' spaced ', 'é\x1fx']
+    with engine.connect() as conn:
+        conn.execute(text("CREATE TEMPORARY TABLE probe (v TEXT)"))
+        conn.execute(text("INSERT INTO probe VALUES (:v)"), [{"v": v} for v in [*values, "other"]])
+        found = conn.execute(text(f"SELECT v FROM probe WHERE {in_list(conn, 'v', 'list')}"), {"list": list_param(conn, values)})
+        assert sorted(row[0] for row in found) == sorted(values)
+        none = conn.execute(text(f"SELECT count(*) FROM probe WHERE {in_list(conn, 'v', 'list')}"), {"list": list_param(conn, [])})
+        assert none.scalar_one() == 0

@@ -307,19 +307,6 @@ def test_still_eligible_rechecks_opt_out_email_and_late_cancelling_events(engine
         assert still_eligible(conn, CONFIG, rows.iloc[:0]).empty
 
 
-def test_a_list_parameter_keeps_every_value_as_it_is(engine: Engine) -> None:
-    from include.matching.run import _member, _values
-
-    values = ['plain', 'a,b', '{brace}', 'say "hi"', 'back\\slash', 'NULL', '', ' spaced ', 'é\x1fx']
-    with engine.connect() as conn:
-        conn.execute(text("CREATE TEMPORARY TABLE probe (v TEXT)"))
-        conn.execute(text("INSERT INTO probe VALUES (:v)"), [{"v": v} for v in [*values, "other"]])
-        found = conn.execute(text(f"SELECT v FROM probe WHERE {_member(conn, 'v', 'list')}"), {"list": _values(conn, values)})
-        assert sorted(row[0] for row in found) == sorted(values)
-        none = conn.execute(text(f"SELECT count(*) FROM probe WHERE {_member(conn, 'v', 'list')}"), {"list": _values(conn, [])})
-        assert none.scalar_one() == 0
-
-
 def frontier_of(engine: Engine) -> dict[str, tuple[float, int]]:
     with engine.connect() as conn:
         return {row.trigger_id: (row.low_time, row.version) for row in read_frontier(conn)}
