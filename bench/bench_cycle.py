@@ -85,7 +85,7 @@ def start_simulator(events: int, people: int, start_time: float, span: float,
 
 
 def start_smtp() -> tuple[subprocess.Popen[bytes], int]:
-    from include.sandbox.smtp_server import free_port
+    from include.sandbox.net import free_port
 
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "include.cli", "smtp", "serve", "--port", str(port)],

@@ -97,7 +97,7 @@ def run_sink(port: int, pipelining: bool) -> None:
 
 
 def start_sink(pipelining: bool = True) -> tuple[subprocess.Popen[str], int]:
-    from include.sandbox.smtp_server import free_port
+    from include.sandbox.net import free_port
 
     port = free_port()
     process = subprocess.Popen(

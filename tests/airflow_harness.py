@@ -23,7 +23,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,15 +32,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from include.sandbox.net import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 AIRFLOW_BIN = str(Path(sys.executable).parent / "airflow")
 T = TypeVar("T")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_for(what: str, check: Callable[[], T | None], timeout: float, *,
@@ -171,10 +166,14 @@ class AirflowHarness:
     # -- the REST API ----------------------------------------------------------------------
     def api(self, path: str, data: dict[str, Any] | None = None, method: str | None = None) -> Any:
         """``/api/v2{path}`` as the admin user; JSON in and out."""
+        return self._http(method or ("POST" if data is not None else "GET"), f"/api/v2{path}", data, self.api_token())
+
+    def api_token(self) -> str:
+        """A bearer token of the admin user (fetched once)."""
         if self._token is None:
             self._token = self._http("POST", "/auth/token", {"username": "admin", "password": self.password})[
                 "access_token"]
-        return self._http(method or ("POST" if data is not None else "GET"), f"/api/v2{path}", data, self._token)
+        return self._token
 
     def _http(self, method: str, path: str, data: dict[str, Any] | None = None, token: str | None = None) -> Any:
         headers = {"Content-Type": "application/json"}

@@ -28,7 +28,6 @@ import asyncio
 import logging
 import mailbox
 import re
-import socket
 import threading
 import time
 import warnings
@@ -40,6 +39,8 @@ from typing import Any, AnyStr
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from include.sandbox.net import free_port
 
 STAGES = ("MAIL", "RCPT", "DATA")  # where a fault strikes; DATA: once the message was received
 _PIPELINED_GROUP = re.compile(rb"(?:^|\r\n)MAIL FROM:[^\r\n]*\r\nRCPT TO:")
@@ -183,12 +184,6 @@ class _RecordingSMTP(SMTP):
 class _Controller(Controller):
     def factory(self) -> SMTP:
         return _RecordingSMTP(self.handler, **self.SMTP_kwargs)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
 
 
 class LocalSmtpServer:

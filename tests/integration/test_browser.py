@@ -15,10 +15,8 @@ import json
 import math
 import os
 import re
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +33,7 @@ import pytest
 from include.database.engine import make_engine
 from include.database.schema import deliveries, ensure_schema, pipeline_runs, pipeline_state
 from include.database.sql import bulk_write
+from tests.airflow_harness import AirflowHarness, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -92,28 +91,6 @@ def _seed_staging(url: str, now: float) -> dict[str, int]:
 # --- Airflow ------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for(what: str, check, timeout: float, processes: list[subprocess.Popen] = ()) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for process in processes:
-            if process.poll() is not None:
-                raise AssertionError(f"{process.args[1:3]} exited with {process.returncode} while waiting for {what}")
-        try:
-            result = check()
-        except OSError:
-            result = None
-        if result:
-            return result
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def _http_json(url: str, token: str | None = None, data: dict | None = None) -> Any:
     headers = {"Content-Type": "application/json"}
     if token:
@@ -129,64 +106,24 @@ def airflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         print(f"skipping: no Chromium at {CHROMIUM} (apt-get install chromium)")
         pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium")
     home = tmp_path_factory.mktemp("airflow_home")
-    password = secrets.token_urlsafe(12)
-    (home / "passwords.json").write_text(json.dumps({"admin": password}))
-    port = _free_port()
     staging_url = f"sqlite:///{home / 'triggers.db'}"
     now = time.time()
     expected = _seed_staging(staging_url, now)
-    env = {
-        **os.environ,
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
-        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
-        "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "TRIGGERS_DB_URL": staging_url,
-    }
-    env.pop("TRIGGERS_CONFIG", None)
-    airflow_bin = str(VENV_BIN / "airflow")
-    logs = home / "logs.txt"
-    subprocess.run([airflow_bin, "db", "migrate"], env=env, check=True, capture_output=True, cwd=home)
-    with logs.open("ab") as log:
-        processes = [subprocess.Popen([airflow_bin, "api-server", "--host", "127.0.0.1", "--port", str(port),
-                                       "--workers", "1"], env=env, stdout=log, stderr=log, cwd=home,
-                                      start_new_session=True)]
-    base = f"http://127.0.0.1:{port}"
-    try:
-        # meanwhile, one real run of the purge DAG so the grid has something to show; it also
-        # parses the dags folder into the metadata database, the dag-processor's job
-        run = subprocess.run([airflow_bin, "dags", "test", "triggers_purge"], env=env, capture_output=True,
-                             text=True, cwd=home)
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-        _wait_for("the api-server", lambda: _http_json(f"{base}/api/v2/monitor/health"), 60, processes)
-        token = _http_json(f"{base}/auth/token", data={"username": "admin", "password": password})["access_token"]
-        _wait_for("triggers_purge in the DAG list",
-                  lambda: _http_json(f"{base}/api/v2/dags/triggers_purge", token).get("is_stale") is False,
-                  60, processes)
-        yield {"base": base, "password": password, "token": token, "expected": expected, "now": now}
-    except BaseException:
-        print(logs.read_text(errors="replace")[-5000:])
-        raise
-    finally:
-        for process in processes:
-            os.killpg(process.pid, signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+    with AirflowHarness(home, env={"TRIGGERS_DB_URL": staging_url}) as harness:
+        harness.cli("db", "migrate")
+        harness.start("api-server")
+        try:
+            # meanwhile, one real run of the purge DAG so the grid has something to show; it also
+            # parses the dags folder into the metadata database, the dag-processor's job
+            harness.cli("dags", "test", "triggers_purge")
+            harness.wait_until_healthy(60)
+            wait_for("triggers_purge in the DAG list", lambda: harness.api("/dags/triggers_purge").get("is_stale") is False,
+                     60, processes=harness.processes, explain=harness.log_tail)
+            token = harness.api_token()
+            yield {"base": harness.base_url, "password": harness.password, "token": token, "expected": expected, "now": now}
+        except BaseException:
+            print(harness.log_tail(5000))
+            raise
 
 
 # --- Chromium over the DevTools protocol --------------------------------------------------------
@@ -207,7 +144,7 @@ class Browser:
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
         )
         endpoint = self._devtools_endpoint()
-        targets = _wait_for("a Chromium page", lambda: [t for t in _http_json(f"{endpoint}/json/list")
+        targets = wait_for("a Chromium page", lambda: [t for t in _http_json(f"{endpoint}/json/list")
                                                        if t["type"] == "page"], 20)
         self.socket = connect(targets[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=10)
         self.next_id = 0
@@ -226,7 +163,7 @@ class Browser:
                     found.append(f"http://{match.group(1)}")
 
         threading.Thread(target=read, daemon=True).start()  # keeps draining stderr afterwards
-        return _wait_for("Chromium's DevTools endpoint", lambda: found and found[0], 20)
+        return wait_for("Chromium's DevTools endpoint", lambda: found and found[0], 20)
 
     def send(self, method: str, **params: Any) -> dict[str, Any]:
         self.next_id += 1
@@ -255,7 +192,7 @@ class Browser:
             return text if all(needle in text for needle in needles) else None
 
         try:
-            return _wait_for(f"{needles} in the page", check, timeout)
+            return wait_for(f"{needles} in the page", check, timeout)
         except AssertionError:
             print("page text:", self.evaluate("document.body ? document.body.innerText : ''"))
             raise
