@@ -95,7 +95,7 @@ def connection_json(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from include.sandbox.simulator import SimulatorOptions
+    from include.sandbox.simulator.options import SimulatorOptions
 
     defaults = SimulatorOptions()
     commands = parser.add_subparsers(dest="keys_command", required=True, metavar="ACTION")

@@ -20,15 +20,10 @@ import requests
 
 from include.errors import ConfigError, CredentialsError
 from include.sandbox.keys import connection_json, create_key_pair
-from include.sandbox.simulator import (
-    BROWSE_ABANDONMENT,
-    CART_ABANDONMENT,
-    PURCHASE,
-    Simulator,
-    SimulatorOptions,
-    person_identity,
-    write_audience_csv,
-)
+from include.sandbox.simulator.events import BROWSE_ABANDONMENT, CART_ABANDONMENT, PURCHASE
+from include.sandbox.simulator.options import SimulatorOptions
+from include.sandbox.simulator.population import person_identity, write_audience_csv
+from include.sandbox.simulator.server import Simulator
 from tests.conftest import ROOT
 
 TRIGGER_KEY = "com.adobe.mcloud.protocol.trigger"

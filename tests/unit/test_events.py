@@ -7,7 +7,8 @@ import json
 import pytest
 
 from include.config import parse_config
-from include.sandbox.simulator import Journal, SimulatorOptions
+from include.sandbox.simulator.journal import Journal
+from include.sandbox.simulator.options import SimulatorOptions
 from include.staging.parser import EventParser
 
 CART = "3e8a2ba7-fccc-49bb-bdac-33ee33cf02bf"
