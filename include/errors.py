@@ -49,3 +49,8 @@ class SmtpUnavailableError(TriggersError):
 
 class AudienceError(TriggersError):
     """The audience CSV cannot be read or its header is wrong; nothing was loaded."""
+
+
+class SchemaOutOfDateError(TriggersError):
+    """The staging database's schema is not the one this code needs (behind, ahead, or missing the
+    configured dimension columns); the message names the database and the command that fixes it."""

@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 
 from include.config import Settings, TriggersConfig, load_config
 from include.database.engine import make_engine
-from include.database.schema import ensure_schema
+from include.database.migrate import check_current
 
 
 @dataclass(frozen=True)
@@ -29,14 +29,16 @@ class Resources:
 
 
 @contextmanager
-def open_resources(*, load: bool = True) -> Iterator[Resources]:
+def open_resources(*, load: bool = True, check: bool = True) -> Iterator[Resources]:
     """Settings from the environment, the configuration (unless ``load`` is False: commands that
-    only need the database), and an engine on a current schema, disposed of on exit."""
+    only need the database), and an engine on a current schema (unless ``check`` is False: the
+    command that upgrades it), disposed of on exit."""
     settings = Settings.from_env()
     config = load_config(settings.config_path, settings.templates_dir) if load else None
     engine = make_engine(settings.db_url)
     try:
-        ensure_schema(engine, config.dimensions if config else ())
+        if check:
+            check_current(engine, config.dimensions if config else ())
         yield Resources(settings, config, engine)  # type: ignore[arg-type]
     finally:
         engine.dispose()

@@ -1,4 +1,5 @@
-"""Shared fixtures: a fresh database on SQLite and on PostgreSQL for every database test.
+"""Shared fixtures: a fresh database on SQLite and on PostgreSQL for every database test, and
+``upgrade_schema``, which brings a database to the code's schema as ``db upgrade`` does.
 
 PostgreSQL is the server at ``TRIGGERS_TEST_PG_URL`` (default: the local one, user postgres);
 where none answers, its tests are skipped with the reason printed (``-ra``).
@@ -8,14 +9,16 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Table, create_engine, text
 from sqlalchemy.engine import Engine, make_url
 
 from include.database.engine import make_engine
+from include.database.schema import events_table
+from include.operations.database import upgrade_database
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = os.environ.get("TRIGGERS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -68,3 +71,10 @@ def engine(db_url: str) -> Iterator[Engine]:
     engine = make_engine(db_url)
     yield engine
     engine.dispose()
+
+
+def upgrade_schema(engine: Engine, dimensions: Sequence[str] = ()) -> Table:
+    """The database brought to the code's schema as ``db upgrade`` does (migrations, then the
+    ``dim_*`` columns of ``dimensions``); the events table to write to."""
+    upgrade_database(engine, dimensions)
+    return events_table(tuple(dimensions))

@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import Connection, Engine, text
 
-from include.database.schema import metadata, recipients
+from include.database.schema import recipients
 from include.database.sql import bulk_write, in_list, list_param
 from include.errors import AudienceError
 
@@ -169,7 +169,6 @@ def load_recipients(engine: Engine, path: str | Path, *, chunk_size: int = 100_0
     """
     path = Path(path)
     columns = _header(path)
-    metadata.create_all(engine, tables=[recipients])
     try:
         with engine.begin() as conn:
             load = _Load(conn, columns)

@@ -82,32 +82,16 @@ def bulk_write(
     try:
         if conn.dialect.name == "postgresql":
             if not hasattr(cursor, "copy"):
-                raise ConfigError("PostgreSQL URLs must use psycopg 3: postgresql:// or postgresql+psycopg://")
+                raise ConfigError(
+                    "PostgreSQL URLs must use psycopg 3: postgresql:// or postgresql+psycopg://"
+                )
             if conflict == "nothing":
                 # straight into the table while no key is taken (the usual case): ~40 % less server
                 # CPU than ON CONFLICT from a temporary table (measured: 805k deliveries, 13 s vs 22 s)
                 copied = _copy_unless_taken(conn, cursor, table.name, names, rows)
                 if copied is not None:
                     return copied
-            # named by its columns: a connection may outlive an ALTER TABLE that adds one
-            staging = f"_bulk_{table.name}_{len(table.c)}"
-            cursor.execute(
-                f"CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-            )
-            select = f"SELECT {names} FROM {staging}"
-            if conflict == "update":  # ON CONFLICT DO UPDATE refuses a key twice in one statement
-                select = f"SELECT DISTINCT ON ({', '.join(key)}) {names} FROM {staging}"
-            written = 0
-            # in parts: the temporary table of a part fits its buffers (temp_buffers)
-            for start in range(0, len(rows), COPY_PART_ROWS):
-                cursor.execute(f"TRUNCATE {staging}")
-                # psycopg adapts each row in C: twice as fast as building CSV text in Python
-                with cursor.copy(f"COPY {staging} ({names}) FROM STDIN") as copy:
-                    for row in rows[start:start + COPY_PART_ROWS]:
-                        copy.write_row(row)
-                cursor.execute(f"INSERT INTO {table.name} ({names}) {select} {on_conflict}")
-                written += cursor.rowcount
-            return written
+            return _copy_then_insert(cursor, table, names, key, conflict, on_conflict, rows)
         marks = ", ".join("?" for _ in columns)
         cursor.executemany(f"INSERT INTO {table.name} ({names}) VALUES ({marks}) {on_conflict}", rows)
         return cursor.rowcount
@@ -115,7 +99,40 @@ def bulk_write(
         cursor.close()
 
 
-def _copy_unless_taken(conn: Connection, cursor: Any, table: str, names: str, rows: Sequence[Sequence[Any]]) -> int | None:
+def _copy_then_insert(
+    cursor: Any,
+    table: Table,
+    names: str,
+    key: Sequence[str],
+    conflict: str,
+    on_conflict: str,
+    rows: Sequence[Sequence[Any]],
+) -> int:
+    """Per part of COPY_PART_ROWS rows, COPY into a temporary table and one ``INSERT ... ON CONFLICT``."""
+    # named by its columns: a connection may outlive an ALTER TABLE that adds one
+    staging = f"_bulk_{table.name}_{len(table.c)}"
+    cursor.execute(
+        f"CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    )
+    select = f"SELECT {names} FROM {staging}"
+    if conflict == "update":  # ON CONFLICT DO UPDATE refuses a key twice in one statement
+        select = f"SELECT DISTINCT ON ({', '.join(key)}) {names} FROM {staging}"
+    written = 0
+    # in parts: the temporary table of a part fits its buffers (temp_buffers)
+    for start in range(0, len(rows), COPY_PART_ROWS):
+        cursor.execute(f"TRUNCATE {staging}")
+        # psycopg adapts each row in C: twice as fast as building CSV text in Python
+        with cursor.copy(f"COPY {staging} ({names}) FROM STDIN") as copy:
+            for row in rows[start : start + COPY_PART_ROWS]:
+                copy.write_row(row)
+        cursor.execute(f"INSERT INTO {table.name} ({names}) {select} {on_conflict}")
+        written += cursor.rowcount
+    return written
+
+
+def _copy_unless_taken(
+    conn: Connection, cursor: Any, table: str, names: str, rows: Sequence[Sequence[Any]]
+) -> int | None:
     """COPY the rows into ``table`` in a savepoint; None (nothing written) when a key was taken."""
     import psycopg
 

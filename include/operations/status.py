@@ -52,7 +52,7 @@ def pipeline_status(
         state = _state(conn, consumer) if "pipeline_state" in tables else {}
         has_events = "pipeline_events" in tables
         window = _window(conn, consumer, chart_start, now) if has_events else _window_empty()
-        # the frontier comes with this version's schema (ensure_schema, at the next run)
+        # an older database gets the frontier at `db upgrade` (revision 0001)
         waiting, oldest_waiting = waiting_events(conn, consumer) if "matching_frontier" in tables else (0, None)
         emails = _emails(conn) if "deliveries" in tables else _emails_empty()
         runs = _recent_runs(conn, recent_runs) if "pipeline_runs" in tables else []

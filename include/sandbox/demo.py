@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from include.config import PROJECT_DIR
+from include.config import PROJECT_DIR, load_config
 from include.database.engine import make_engine
 from include.database.schema import deliveries, events_table
 
@@ -62,8 +62,11 @@ def airflow_environment(workdir: Path, simulator_url: str, smtp_port: int, priva
 
 def main(args: argparse.Namespace) -> int:
     from include.audience.load import load_recipients
+    from include.operations.database import upgrade_database
     from include.sandbox.keys import create_key_pair
-    from include.sandbox.simulator import Simulator, SimulatorOptions, write_audience_csv
+    from include.sandbox.simulator.options import SimulatorOptions
+    from include.sandbox.simulator.population import write_audience_csv
+    from include.sandbox.simulator.server import Simulator
     from include.sandbox.smtp_server import LocalSmtpServer
 
     VAR.mkdir(parents=True, exist_ok=True)
@@ -85,6 +88,8 @@ def main(args: argparse.Namespace) -> int:
         audience_csv = VAR / "audience.csv"
         write_audience_csv(audience_csv, args.people)
         engine = make_engine(db_url)
+        schema = upgrade_database(engine, load_config().dimensions)
+        step(f"staging database {database.relative_to(PROJECT_DIR)} at schema {schema.revision} (db upgrade)")
         loaded = load_recipients(engine, audience_csv)
         step(f"audience loaded from {audience_csv.relative_to(PROJECT_DIR)}: {loaded}")
         environment = airflow_environment(VAR, simulator.url, smtp.port, private_key, options, db_url)

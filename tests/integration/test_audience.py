@@ -11,8 +11,16 @@ from sqlalchemy import Engine, text
 from include import cli
 from include.audience.load import email_is_valid, load_recipients, parse_opted_out
 from include.errors import AudienceError
+from tests.conftest import upgrade_schema
 
 HEADER = "recipient_id,email,first_name,last_name,locale,shopper_id,mc_id,opted_out\n"
+
+
+@pytest.fixture
+def engine(engine: Engine) -> Engine:
+    """conftest's engine, on a database at the code's schema."""
+    upgrade_schema(engine)
+    return engine
 
 
 def write(path: Path, body: str, header: str = HEADER) -> Path:
@@ -104,6 +112,7 @@ def test_the_cli_command_loads_and_prints_the_report(
     db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("TRIGGERS_DB_URL", db_url)
+    assert cli.main(["db", "upgrade"]) == 0
     path = write(tmp_path / "people.csv", "r1,ann@example.com,,,,,,\n,x@example.com,,,,,,\n")
     assert cli.main(["audience", "load", str(path)]) == 0
     out = capsys.readouterr().out

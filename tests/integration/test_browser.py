@@ -30,10 +30,12 @@ from typing import Any
 
 import pytest
 
+from include.config import load_config
 from include.database.engine import make_engine
-from include.database.schema import deliveries, ensure_schema, pipeline_runs, pipeline_state
+from include.database.schema import deliveries, pipeline_runs, pipeline_state
 from include.database.sql import bulk_write
 from tests.airflow_harness import AirflowHarness, wait_for
+from tests.conftest import upgrade_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -52,7 +54,7 @@ pytestmark = pytest.mark.slow
 def _seed_staging(url: str, now: float) -> dict[str, int]:
     """Three days of events with a daily rhythm, some emails and runs; returns what the page must show."""
     engine = make_engine(url)
-    table = ensure_schema(engine)
+    table = upgrade_schema(engine, load_config().dimensions)  # the configuration the DAGs load
     start_hour = int(now) // HOUR - 71
     rows, number = [], 0
     for offset in range(72):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy import Engine, text
 
-from include.database.schema import ensure_schema, recipients
+from include.database.schema import recipients
 from include.database.sql import bulk_write, in_list, list_param
+from tests.conftest import upgrade_schema
 
 COLUMNS = ["recipient_id", "email", "opted_out"]
 
@@ -16,7 +17,7 @@ def emails(engine: Engine) -> dict[str, str]:
 
 
 def test_rows_whose_key_is_taken_are_skipped_and_the_others_written(engine: Engine) -> None:
-    ensure_schema(engine)
+    upgrade_schema(engine)
     with engine.begin() as conn:
         assert bulk_write(conn, recipients, COLUMNS, [("r1", "old@example.com", False)]) == 1
     with engine.begin() as conn:
@@ -34,7 +35,7 @@ def test_rows_whose_key_is_taken_are_skipped_and_the_others_written(engine: Engi
 
 
 def test_upsert_overwrites_the_other_columns(engine: Engine) -> None:
-    ensure_schema(engine)
+    upgrade_schema(engine)
     with engine.begin() as conn:
         bulk_write(conn, recipients, COLUMNS, [("r1", "old@example.com", False)])
         bulk_write(conn, recipients, COLUMNS, [("r1", "new@example.com", False), ("r2", "two@example.com", False)],

@@ -9,9 +9,10 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from include.config import parse_config
-from include.database.schema import deliveries, ensure_schema, events_table, pipeline_runs
+from include.database.schema import deliveries, events_table, pipeline_runs
 from include.database.sql import bulk_write
 from include.operations.purge import delivery_retention, purge
+from tests.conftest import upgrade_schema
 
 NOW = 1_767_225_600.0
 DAY = 86400.0
@@ -25,7 +26,7 @@ pipeline:
 
 
 def _events(engine: Engine, rows: list[tuple[str, str, float]]) -> None:
-    table = ensure_schema(engine)
+    table = upgrade_schema(engine)
     columns = ["event_id", "position", "consumer", "received_at", "status", "payload"]
     with engine.begin() as conn:
         bulk_write(conn, table, columns, [(eid, eid, "customer_dev", at, status, "{}") for eid, status, at in rows])

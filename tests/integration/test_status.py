@@ -14,9 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 
-from include.database.schema import deliveries, ensure_schema, pipeline_runs, pipeline_state
+from include.database.schema import deliveries, pipeline_runs, pipeline_state
 from include.database.sql import bulk_write
 from include.operations.status import hour_number, pipeline_status
+from tests.conftest import upgrade_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 CONSUMER = "customer_dev"  # the default configuration's consumer
@@ -35,7 +36,7 @@ def _event(n: int, status: str, received_at: float, processed_at: float | None =
 
 def seed(engine: Engine) -> None:
     """A small, known pipeline history; the expected figures are in the tests below."""
-    table = ensure_schema(engine)
+    table = upgrade_schema(engine)
     rows = []
     rows += [_event(i, "matched", NOW - HOUR - i, NOW - HOUR - i + 2) for i in range(60)]  # 23:xx
     rows += [_event(100 + i, "unmatched", NOW - 2 * HOUR - i, NOW - 2 * HOUR - i + 4) for i in range(40)]
