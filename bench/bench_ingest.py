@@ -61,12 +61,24 @@ def fresh_database(kind: str, workdir: Path) -> str:
     return make_url(PG_ADMIN_URL).set(database="triggers_bench").render_as_string(hide_password=False)
 
 
+def create_schema(db_url: str) -> None:
+    """What ``db upgrade`` does, with the default configuration's dimensions (not timed)."""
+    from include.config import load_config
+    from include.database.engine import make_engine
+    from include.operations.database import upgrade_database
+
+    engine = make_engine(db_url)
+    upgrade_database(engine, load_config().dimensions)
+    engine.dispose()
+
+
 def drain_worker(db_url: str, simulator_url: str, private_key: str, fetch_size: int) -> None:
     """Child process: drain everything, print seconds and peak RSS as JSON."""
     from include.adobe.auth import ImsAuthenticator, PipelineCredentials
+    from include.adobe.journal import JournalClient
     from include.config import load_config
     from include.database.engine import make_engine
-    from include.sandbox.simulator import SimulatorOptions
+    from include.sandbox.simulator.options import SimulatorOptions
     from include.staging.drain import drain
 
     options = SimulatorOptions()
@@ -77,7 +89,9 @@ def drain_worker(db_url: str, simulator_url: str, private_key: str, fetch_size: 
         client_secret=options.client_secret, org_id=options.org_id,
         technical_account_id=options.technical_account_id, private_key=Path(private_key).read_bytes())
     engine = make_engine(db_url)
-    report = drain(engine, config, ImsAuthenticator(credentials))
+    client = JournalClient(ImsAuthenticator(credentials), config.pipeline.consumer,
+                           retry_validity=config.pipeline.retry_validity)
+    report = drain(engine, config, client)
     peak_kib = peak_rss_kib()
     print(json.dumps({"seconds": report.seconds, "received": report.received, "staged": report.staged,
                       "pages": report.pages, "peak_rss_mib": round(peak_kib / 1024, 1)}))
@@ -154,6 +168,7 @@ def main() -> None:
             print(f"ingestion: {args.events:,} simulator events, fetch_size {args.fetch_size}")
             for kind in kinds:
                 db_url = fresh_database(kind, workdir)
+                create_schema(db_url)
                 requests.post(f"{url}/_sim/faults", json={"clear": True}, timeout=5)
                 run = subprocess.run(
                     [sys.executable, "-m", "bench.bench_ingest", "--worker", db_url, url, str(private_key),

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -84,8 +85,15 @@ class PipelineCredentials:
     def fingerprint(self) -> str:
         """A digest of every credential: the token cache key."""
         digest = hashlib.sha256()
-        for part in (self.ims_url, self.client_id, self.client_secret, self.org_id, self.auth,
-                     self.technical_account_id, ",".join(self.scopes)):
+        for part in (
+            self.ims_url,
+            self.client_id,
+            self.client_secret,
+            self.org_id,
+            self.auth,
+            self.technical_account_id,
+            ",".join(self.scopes),
+        ):
             digest.update(part.encode() + b"\0")
         digest.update(self.private_key)
         return digest.hexdigest()[:32]
@@ -153,10 +161,12 @@ class ImsAuthenticator:
         session: requests.Session | None = None,
         cache_dir: Path | None = None,
         timeout: float = 30.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.credentials = credentials
         self.session = session or requests.Session()
         self.timeout = timeout
+        self.clock = clock  # unix seconds: token expiry and the JWT's iat/exp
         cache_setting = os.environ.get("TRIGGERS_TOKEN_CACHE", "")
         if cache_setting == "off":
             self.cache_file: Path | None = None
@@ -167,7 +177,7 @@ class ImsAuthenticator:
         self.fetches = 0  # tokens obtained from IMS by this instance
 
     def token(self) -> str:
-        now = time.time()
+        now = self.clock()
         if self._token is None or not self._token.fresh(now):
             self._token = self._read_cache(now) or self._fetch(now)
         return self._token.value
@@ -176,8 +186,11 @@ class ImsAuthenticator:
         """What may be shown (XCom, logs): never the token itself."""
         self.token()
         assert self._token is not None
-        return {"auth": self.credentials.auth, "client_id": self.credentials.client_id,
-                "expires_at": self._token.expires_at}
+        return {
+            "auth": self.credentials.auth,
+            "client_id": self.credentials.client_id,
+            "expires_at": self._token.expires_at,
+        }
 
     def invalidate(self) -> None:
         """Forget the token (the pipeline answered 401)."""
@@ -189,11 +202,19 @@ class ImsAuthenticator:
         c = self.credentials
         if c.auth == "jwt":
             url = f"{c.ims_url}/ims/exchange/jwt"
-            form = {"client_id": c.client_id, "client_secret": c.client_secret, "jwt_token": build_jwt(c, now)}
+            form = {
+                "client_id": c.client_id,
+                "client_secret": c.client_secret,
+                "jwt_token": build_jwt(c, now),
+            }
         else:
             url = f"{c.ims_url}/ims/token/v3"
-            form = {"grant_type": "client_credentials", "client_id": c.client_id,
-                    "client_secret": c.client_secret, "scope": ",".join(c.scopes)}
+            form = {
+                "grant_type": "client_credentials",
+                "client_id": c.client_id,
+                "client_secret": c.client_secret,
+                "scope": ",".join(c.scopes),
+            }
         try:
             response = self.session.post(url, data=form, timeout=self.timeout)
         except requests.RequestException as error:
@@ -232,8 +253,14 @@ class ImsAuthenticator:
             temporary = self.cache_file.with_suffix(f".{os.getpid()}.tmp")
             descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(descriptor, "w") as handle:
-                json.dump({"access_token": token.value, "expires_at": token.expires_at,
-                           "refresh_at": token.refresh_at}, handle)
+                json.dump(
+                    {
+                        "access_token": token.value,
+                        "expires_at": token.expires_at,
+                        "refresh_at": token.refresh_at,
+                    },
+                    handle,
+                )
             os.replace(temporary, self.cache_file)
         except OSError as error:  # a cache is an optimisation; tokens still work without it
             log.warning("cannot write the token cache %s: %s", self.cache_file.parent, error.strerror)

@@ -14,6 +14,7 @@ import requests
 from include.adobe.auth import ImsAuthenticator
 from include.errors import (
     AuthenticationError,
+    ConfigError,
     JournalGoneError,
     NotEntitledError,
     PipelineRequestError,
@@ -22,6 +23,7 @@ from include.errors import (
 
 log = logging.getLogger(__name__)
 
+DEFAULT_RETRY_VALIDITY = 300.0  # seconds (SPEC section 2)
 TRANSIENT_STATUSES = {429, 500, 502, 503, 504}
 BACKOFF_BASE = 0.5  # seconds; doubles per attempt, full jitter
 BACKOFF_CAP = 30.0
@@ -46,36 +48,52 @@ class JournalDrained:
 
 
 class JournalClient:
-    """``GET {pipeline}/journal/{consumer}`` with authentication, retries and backoff."""
+    """``GET {pipeline}/journal/{consumer}`` with authentication, retries and backoff.
+
+    The client owns its authenticator and the HTTP session they share (``close()``). A client
+    made without a consumer (``AdobePipelineHook()`` alone) authenticates but cannot fetch.
+    """
 
     def __init__(
         self,
         authenticator: ImsAuthenticator,
-        consumer: str,
+        consumer: str | None,
         *,
-        retry_validity: float = 300.0,
+        retry_validity: float = DEFAULT_RETRY_VALIDITY,
         session: requests.Session | None = None,
         timeout: tuple[float, float] = (10.0, 120.0),
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.authenticator = authenticator
         self.credentials = authenticator.credentials
         self.consumer = consumer
-        self.url = f"{self.credentials.pipeline_url}/journal/{consumer}"
+        self.url = f"{self.credentials.pipeline_url}/journal/{consumer}" if consumer else None
         self.retry_validity = retry_validity
         self.session = session or authenticator.session
         self.timeout = timeout
         self.sleep = sleep
+        self.clock = clock  # seconds, monotonic: the retry_validity deadline
         self.retries = 0  # transient failures retried, over this client's life
+
+    def close(self) -> None:
+        """Close the HTTP session(s) of the client and its authenticator."""
+        self.session.close()
+        if self.authenticator.session is not self.session:
+            self.authenticator.session.close()
 
     def fetch(self, since: str | None, limit: int, *, latest: bool = False) -> JournalPage | JournalDrained:
         """One page after ``since`` (None: the oldest retained event; ``latest``: the end)."""
+        if self.url is None:
+            raise ConfigError(
+                "this journal client has no consumer: build it with AdobePipelineHook.for_config(config)"
+            )
         params: dict[str, str | int] = {"limit": limit}
         if since is not None:
             params["since"] = since
         elif latest:
             params["latest"] = "true"
-        deadline = time.monotonic() + self.retry_validity
+        deadline = self.clock() + self.retry_validity
         attempt = 0
         reauthenticated = False
         while True:
@@ -94,7 +112,7 @@ class JournalClient:
                 continue
             delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
             delay = max(delay, retry_after or 0.0)
-            if time.monotonic() + delay > deadline:
+            if self.clock() + delay > deadline:
                 raise PipelineUnavailableError(
                     f"the pipeline at {self.url} kept failing ({problem}) for {self.retry_validity:.0f} s "
                     "(pipeline.retry_validity); the task will be retried"
@@ -104,7 +122,9 @@ class JournalClient:
             log.warning("pipeline %s; retry %d in %.2f s", problem, attempt, delay)
             self.sleep(delay)
 
-    def _request(self, params: dict[str, str | int]) -> tuple[JournalPage | JournalDrained | int | str, float | None]:
+    def _request(
+        self, params: dict[str, str | int]
+    ) -> tuple[JournalPage | JournalDrained | int | str, float | None]:
         """The answer, or what went wrong (a status or an error name) and any Retry-After."""
         headers = {
             "Authorization": f"Bearer {self.authenticator.token()}",

@@ -21,8 +21,7 @@ from typing import Any
 
 import msgspec
 
-from include.config import TriggersConfig, dimension_column
-from include.database.schema import VALUE_SEPARATOR
+from include.config import VALUE_SEPARATOR, TriggersConfig, dimension_column
 from include.errors import PipelineRequestError
 from include.runtime import collector_paused
 
@@ -33,8 +32,18 @@ TRIGGER = "com.adobe.mcloud.protocol.trigger"
 IMPORTED_POSITION = "import"
 
 # The columns parse_events fills, in pipeline_events order; dim_* columns follow.
-BASE_COLUMNS = ("event_id", "position", "consumer", "trigger_id", "time_gmt", "received_at",
-                "status", "reason", "mc_id", "payload")
+BASE_COLUMNS = (
+    "event_id",
+    "position",
+    "consumer",
+    "trigger_id",
+    "time_gmt",
+    "received_at",
+    "status",
+    "reason",
+    "mc_id",
+    "payload",
+)
 
 
 @dataclass
@@ -57,10 +66,18 @@ class ParsedPage:
         """Consecutive pages as one; its position is the last page's."""
         if len(pages) == 1:
             return pages[0]
-        values = [list(chain.from_iterable(page.values[i] for page in pages)) for i in range(len(pages[0].columns))]
+        values = [
+            list(chain.from_iterable(page.values[i] for page in pages)) for i in range(len(pages[0].columns))
+        ]
         last = next((p.last_position for p in reversed(pages) if p.last_position is not None), None)
-        merged = cls(pages[0].columns, values, last, sum(p.count for p in pages),
-                     sum(p.quarantined for p in pages), sum(p.ignored for p in pages))
+        merged = cls(
+            pages[0].columns,
+            values,
+            last,
+            sum(p.count for p in pages),
+            sum(p.quarantined for p in pages),
+            sum(p.ignored for p in pages),
+        )
         for page in pages:
             for reason, count in page.reasons.items():
                 merged.reasons[reason] = merged.reasons.get(reason, 0) + count
@@ -88,7 +105,9 @@ class EventParser:
         with collector_paused():  # a page allocates thousands of containers that all die together
             try:
                 journal_page = _PAGE.decode(body)
-                page = self._columns(self._read_raw(journal_page.events), len(journal_page.events), received_at)
+                page = self._columns(
+                    self._read_raw(journal_page.events), len(journal_page.events), received_at
+                )
             except ValueError:  # not JSON to msgspec: the generic path reads it, or names what is wrong
                 return self._parse_page_generic(body, received_at)
             last = journal_page.page.get("last") if isinstance(journal_page.page, dict) else None
@@ -109,11 +128,15 @@ class EventParser:
             page.last_position = str(last)
         return page
 
-    def parse_items(self, items: Sequence[tuple[str | None, Any, str | None]], received_at: float) -> ParsedPage:
+    def parse_items(
+        self, items: Sequence[tuple[str | None, Any, str | None]], received_at: float
+    ) -> ParsedPage:
         """``(position, event, raw JSON text or None)`` triples to columns."""
         return self._columns(self._read_items(items), len(items), received_at)
 
-    def _read_items(self, items: Iterable[tuple[str | None, Any, str | None]]) -> Iterable[tuple[str | None, str, tuple]]:
+    def _read_items(
+        self, items: Iterable[tuple[str | None, Any, str | None]]
+    ) -> Iterable[tuple[str | None, str, tuple]]:
         for position, event, payload in items:
             if payload is None:
                 payload = json.dumps(event, separators=(",", ":"))
@@ -134,11 +157,23 @@ class EventParser:
                 fields = self._read(json.loads(payload), payload)
             yield position, payload, fields
 
-    def _columns(self, read: Iterable[tuple[str | None, str, tuple]], count: int, received_at: float) -> ParsedPage:
+    def _columns(
+        self, read: Iterable[tuple[str | None, str, tuple]], count: int, received_at: float
+    ) -> ParsedPage:
         """Rows of ``(position or None, payload, fields of _read)`` to columns."""
         values: list[list[Any]] = [[] for _ in self.columns]
-        (event_ids, positions, consumers, trigger_ids, times, received, statuses, reasons,
-         mc_ids, payloads) = values[:10]
+        (
+            event_ids,
+            positions,
+            consumers,
+            trigger_ids,
+            times,
+            received,
+            statuses,
+            reasons,
+            mc_ids,
+            payloads,
+        ) = values[:10]
         dimension_lists = values[10:]
         page = ParsedPage(self.columns, values, None, count)
         position = None
@@ -185,8 +220,12 @@ class EventParser:
         trigger_id = trigger.triggerId
         if not isinstance(trigger_id, str) or not trigger_id.strip():
             return None
-        time_gmt, bad_time = _event_time(trigger.triggerTimestamp, trigger.timeGMT,
-                                         header.sentTime if header is not None else None, created)
+        time_gmt, bad_time = _event_time(
+            trigger.triggerTimestamp,
+            trigger.timeGMT,
+            header.sentTime if header is not None else None,
+            created,
+        )
         if bad_time:
             return None
         mc_id = trigger.mcId
@@ -194,10 +233,18 @@ class EventParser:
         summary = trigger.enrichments.summary if trigger.enrichments is not None else None
         if summary is not None and summary.dimensions is not None:
             dimensions = {key.strip(): dimension.data for key, dimension in summary.dimensions.items()}
-        return (str(event_id), trigger_id.strip(), time_gmt, str(mc_id) if mc_id else None, None,
-                [_joined(dimensions.get(name)) for name in self.dimensions])
+        return (
+            str(event_id),
+            trigger_id.strip(),
+            time_gmt,
+            str(mc_id) if mc_id else None,
+            None,
+            [_joined(dimensions.get(name)) for name in self.dimensions],
+        )
 
-    def _read(self, event: Any, payload: str) -> tuple[str, str | None, float | None, str | None, str | None, Sequence[str | None]]:
+    def _read(
+        self, event: Any, payload: str
+    ) -> tuple[str, str | None, float | None, str | None, str | None, Sequence[str | None]]:
         """(event_id, trigger_id, time_gmt, mc_id, quarantine reason or None, dimension values)."""
         no_dimensions = self._no_dimensions
         if not isinstance(event, dict):
@@ -214,18 +261,39 @@ class EventParser:
         event_id = str(event_id) if event_id else _digest(_canonical(event))
         size = len(payload) if payload.isascii() else len(payload.encode())
         if size > self.max_msg_size:
-            return event_id, None, None, None, f"larger than max_msg_size ({size} > {self.max_msg_size} bytes)", no_dimensions
-        if not isinstance(trigger, dict) or not isinstance(trigger.get("triggerId"), str) or not trigger["triggerId"].strip():
+            return (
+                event_id,
+                None,
+                None,
+                None,
+                f"larger than max_msg_size ({size} > {self.max_msg_size} bytes)",
+                no_dimensions,
+            )
+        if (
+            not isinstance(trigger, dict)
+            or not isinstance(trigger.get("triggerId"), str)
+            or not trigger["triggerId"].strip()
+        ):
             return event_id, None, None, None, "no triggerId", no_dimensions
         trigger_id = trigger["triggerId"].strip()
-        time_gmt, bad_time = _event_time(trigger.get("triggerTimestamp"), trigger.get("timeGMT"),
-                                         header.get("sentTime"), envelope.get("createTime"))
+        time_gmt, bad_time = _event_time(
+            trigger.get("triggerTimestamp"),
+            trigger.get("timeGMT"),
+            header.get("sentTime"),
+            envelope.get("createTime"),
+        )
         if bad_time:
             return event_id, trigger_id, None, None, f"{bad_time} is not a number", no_dimensions
         mc_id = trigger.get("mcId")
         dimensions = _dimensions(trigger)
-        return (event_id, trigger_id, time_gmt, str(mc_id) if mc_id else None, None,
-                [_joined(_data(dimensions.get(name))) for name in self.dimensions])
+        return (
+            event_id,
+            trigger_id,
+            time_gmt,
+            str(mc_id) if mc_id else None,
+            None,
+            [_joined(_data(dimensions.get(name))) for name in self.dimensions],
+        )
 
 
 # What staging reads of a page and of an event, for msgspec; every other field is skipped.
@@ -442,15 +510,3 @@ def _canonical(value: Any) -> str:
 
 def _digest(text: str) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
-
-
-def read_export(lines: Iterable[str]) -> Iterable[tuple[None, Any, str]]:
-    """``(None, event, raw text)`` per line of a JSON-lines export; a line that is not JSON is
-    kept as a string, which staging quarantines."""
-    for line in lines:
-        raw = line.strip()
-        if raw:
-            try:
-                yield None, json.loads(raw), raw
-            except ValueError:
-                yield None, raw, json.dumps(raw)

@@ -8,8 +8,10 @@ from sqlalchemy import func, select
 from include.config import load_config
 from include.database.schema import events_table
 from include.matching.run import match_ready_events
-from include.sandbox.simulator import EventFactory, SimulatorOptions
-from include.staging.stager import import_export
+from include.sandbox.simulator.events import EventFactory
+from include.sandbox.simulator.options import SimulatorOptions
+from include.staging.imports import import_export
+from tests.conftest import upgrade_schema
 
 START = 1_767_571_200.0  # 2026-01-05 00:00 UTC
 
@@ -23,6 +25,7 @@ def write_export(path, count: int) -> None:
 
 def test_an_export_is_staged_once_and_waits_for_its_backfill(engine, tmp_path):
     config = load_config()
+    upgrade_schema(engine, config.dimensions)
     export = tmp_path / "export.jsonl"
     write_export(export, 400)
     first = import_export(engine, config, str(export))

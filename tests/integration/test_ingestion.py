@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from include.adobe.auth import ImsAuthenticator, PipelineCredentials
 from include.adobe.journal import JournalClient, JournalDrained, JournalPage
-from include.config import parse_config
+from include.config import load_config, parse_config
 from include.database.engine import make_engine
 from include.database.schema import events_table, pipeline_state
 from include.errors import (
@@ -27,9 +27,10 @@ from include.errors import (
     PipelineUnavailableError,
 )
 from include.sandbox.keys import connection_json, create_key_pair
-from include.sandbox.simulator import Simulator, SimulatorOptions
+from include.sandbox.simulator.options import SimulatorOptions
+from include.sandbox.simulator.server import Simulator
 from include.staging.drain import drain
-from tests.conftest import ROOT
+from tests.conftest import ROOT, upgrade_schema
 
 CART = "3e8a2ba7-fccc-49bb-bdac-33ee33cf02bf"
 CONFIG_YAML = f"""
@@ -65,6 +66,13 @@ def private_token_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path
     return cache
 
 
+@pytest.fixture
+def engine(engine):
+    """conftest's engine, on a database at the code's schema with the dimensions of ``config()``."""
+    upgrade_schema(engine, config().dimensions)
+    return engine
+
+
 def start_simulator(key_pair: tuple[Path, Path], **options) -> Simulator:
     simulator = Simulator(SimulatorOptions(public_key_pem=key_pair[1].read_bytes(), seed=7, **options))
     simulator.start()
@@ -96,6 +104,13 @@ def config(**pipeline_overrides):
     if pipeline_overrides:
         loaded = loaded.model_copy(update={"pipeline": loaded.pipeline.model_copy(update=pipeline_overrides)})
     return loaded
+
+
+def journal(authenticator: ImsAuthenticator) -> JournalClient:
+    """The client a drain of ``config()`` reads, as ``AdobePipelineHook(consumer=..., retry_validity=...)``
+    makes it from the configuration."""
+    pipeline = config().pipeline
+    return JournalClient(authenticator, pipeline.consumer, retry_validity=pipeline.retry_validity)
 
 
 def staged_ids(engine) -> list[str]:
@@ -241,6 +256,7 @@ def test_401_reauthenticates_once_and_retries(simulator, key_pair):
 @pytest.mark.parametrize("simulator", [{"events": 600, "retention": 200}], indirect=True)
 def test_410_fails_by_default_and_can_restart_from_oldest(simulator, key_pair, tmp_path, caplog):
     engine = make_engine(f"sqlite:///{tmp_path / 'gone.db'}")
+    upgrade_schema(engine, config().dimensions)
     authenticator = ImsAuthenticator(credentials_for(simulator, key_pair))
     first = json.loads(client_for(simulator, key_pair).fetch(None, 1).body)  # oldest retained
     from include.staging.stager import Stager
@@ -249,9 +265,9 @@ def test_410_fails_by_default_and_can_restart_from_oldest(simulator, key_pair, t
     stager.stage(stager.parser.parse_page(json.dumps(first).encode(), time.time()), pipeline_host="h", fetched_at=0)
     simulator.publish(400)  # the stored position falls out of retention
     with pytest.raises(JournalGoneError, match="on_gone: restart_from_oldest"):
-        drain(engine, config(), authenticator)
+        drain(engine, config(), journal(authenticator))
     caplog.set_level(logging.ERROR)
-    report = drain(engine, config(on_gone="restart_from_oldest"), authenticator)
+    report = drain(engine, config(on_gone="restart_from_oldest"), journal(authenticator))
     assert report.drained and report.received == 200
     assert "lost" in caplog.text
 
@@ -264,7 +280,7 @@ def test_410_fails_by_default_and_can_restart_from_oldest(simulator, key_pair, t
 )
 def test_drain_stages_each_event_once_with_quarantine_and_ignored(simulator, key_pair, engine, auth):
     authenticator = ImsAuthenticator(credentials_for(simulator, key_pair, auth))
-    report = drain(engine, config(), authenticator)
+    report = drain(engine, config(), journal(authenticator))
     assert report.drained and report.received == 3000
     assert report.duplicates > 0 and report.staged == 3000 - report.duplicates
     table = events_table(config().dimensions)
@@ -284,7 +300,7 @@ def test_drain_stages_each_event_once_with_quarantine_and_ignored(simulator, key
     assert cart.time_gmt > 1e9  # seconds, not milliseconds
     # drained: a second drain stages nothing and keeps the position
     position = stored_position(engine)
-    again = drain(engine, config(), authenticator)
+    again = drain(engine, config(), journal(authenticator))
     assert again.drained and again.received == 0 and stored_position(engine) == position
 
 
@@ -299,7 +315,7 @@ def test_a_token_expiring_in_the_middle_of_a_drain_is_renewed(simulator, key_pai
                 simulator.expire_tokens()
 
     authenticator.session.hooks["response"].append(expire_after_second_page)
-    report = drain(engine, config(), authenticator)
+    report = drain(engine, config(), journal(authenticator))
     assert report.drained and report.staged == 1000
     assert simulator.stats["tokens_issued"] == 2
 
@@ -317,11 +333,9 @@ def test_the_same_page_staged_twice_is_stored_once(simulator, key_pair, engine):
 
 def test_a_dimension_added_to_the_configuration_is_filled_for_staged_events(simulator, key_pair, engine):
     authenticator = ImsAuthenticator(credentials_for(simulator, key_pair))
-    drain(engine, config(), authenticator)
+    drain(engine, config(), journal(authenticator))
     wider = parse_config(CONFIG_YAML.replace("where: [", "where: [{dimension: products, op: contains, value: SKU}, "))
-    from include.staging.stager import Stager
-
-    table = Stager(engine, wider).table
+    table = upgrade_schema(engine, wider.dimensions)  # what `db upgrade` does with the wider configuration
     with engine.connect() as conn:
         filled = conn.execute(select(func.count()).where(table.c.dim_products.is_not(None))).scalar()
     assert filled > 500
@@ -342,9 +356,10 @@ def test_sigkill_in_the_middle_of_a_drain_then_drain_again(key_pair, db_url, tmp
             "AIRFLOW_HOME": str(tmp_path / "airflow"),
         }
         sim.faults.slow_seconds = 0.1  # long enough a drain to kill it half way
+        engine = make_engine(db_url)
+        upgrade_schema(engine, load_config().dimensions)  # the command drains with the default configuration
         process = subprocess.Popen([sys.executable, "-m", "include.cli", "drain"], cwd=ROOT, env=environment,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        engine = make_engine(db_url)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
             try:
@@ -366,7 +381,8 @@ def test_sigkill_in_the_middle_of_a_drain_then_drain_again(key_pair, db_url, tmp
         engine.dispose()
 
         reference = make_engine(f"sqlite:///{tmp_path / 'reference.db'}")
-        drain(reference, config(), ImsAuthenticator(credentials_for(sim, key_pair)))
+        upgrade_schema(reference, config().dimensions)
+        drain(reference, config(), journal(ImsAuthenticator(credentials_for(sim, key_pair))))
         expected = staged_ids(reference)
     finally:
         sim.stop()
@@ -392,10 +408,11 @@ def test_pages_that_arrive_during_a_write_join_the_next_transaction_up_to_a_cap(
     monkeypatch.setattr(drain_module, "STAGE_BATCH_EVENTS", 250)
     monkeypatch.setattr(drain_module, "STAGE_BATCH_MAX_EVENTS", 1000)
     monkeypatch.setattr(drain_module, "Stager", SlowStager)
-    report = drain(engine, config(), ImsAuthenticator(credentials_for(simulator, key_pair)))
+    report = drain(engine, config(), journal(ImsAuthenticator(credentials_for(simulator, key_pair))))
     monkeypatch.setattr(drain_module, "Stager", Stager)
     reference = make_engine(f"sqlite:///{tmp_path / 'reference.db'}")
-    drain(reference, config(fetch_size=3000), ImsAuthenticator(credentials_for(simulator, key_pair)))
+    upgrade_schema(reference, config().dimensions)
+    drain(reference, config(fetch_size=3000), journal(ImsAuthenticator(credentials_for(simulator, key_pair))))
     assert report.drained and sum(transactions) == 3000
     assert max(transactions) == 1000 and all(count >= 250 for count in transactions[:-1])
     assert sorted(staged_ids(engine)) == sorted(staged_ids(reference))
@@ -405,9 +422,9 @@ def test_pages_that_arrive_during_a_write_join_the_next_transaction_up_to_a_cap(
 @pytest.mark.parametrize("simulator", [{"events": 500}], indirect=True)
 def test_start_from_latest_keeps_the_end_position_and_goes_on_from_it(simulator, key_pair, engine):
     authenticator = ImsAuthenticator(credentials_for(simulator, key_pair))
-    first = drain(engine, config(start_from="latest"), authenticator)
+    first = drain(engine, config(start_from="latest"), journal(authenticator))
     assert first.drained and first.received == 0 and stored_position(engine) is not None
     simulator.publish(300)  # published between two drains: not lost
-    second = drain(engine, config(start_from="latest"), authenticator)
+    second = drain(engine, config(start_from="latest"), journal(authenticator))
     assert second.drained and second.received == second.staged == 300
     assert len(staged_ids(engine)) == 300
