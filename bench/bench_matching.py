@@ -149,12 +149,14 @@ def _drop_database(kind: str) -> None:
 def prepare(url: str, events: int) -> None:
     """Create the schema and write the frames (not timed)."""
     from include.database.engine import make_engine
-    from include.database.schema import ensure_schema, recipients
+    from include.database.schema import events_table, recipients
     from include.database.sql import bulk_write
+    from include.operations.database import upgrade_database
 
     config = parse_config(CONFIG)
     engine = make_engine(url)
-    table = ensure_schema(engine, config.dimensions)
+    upgrade_database(engine, config.dimensions)
+    table = events_table(config.dimensions)
     frame, people = make_frames(events)
     step = 200_000
     with engine.begin() as conn:

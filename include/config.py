@@ -40,6 +40,7 @@ def parse_duration(value: Any) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+VALUE_SEPARATOR = "\x1f"  # joins a dimension's values in its column (staging blanks it inside a value)
 
 
 def dimension_column(dimension: str) -> str:

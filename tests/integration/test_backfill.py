@@ -34,10 +34,13 @@ from include.audience.load import load_recipients
 from include.config import load_config
 from include.database.engine import make_engine
 from include.matching.run import match_ready_events
-from include.sandbox.simulator import EventFactory, SimulatorOptions, write_audience_csv
+from include.sandbox.simulator.events import EventFactory
+from include.sandbox.simulator.options import SimulatorOptions
+from include.sandbox.simulator.population import write_audience_csv
 from include.sandbox.smtp_server import LocalSmtpServer
-from include.staging.stager import import_export
+from include.staging.imports import import_export
 from tests.airflow_harness import ROOT, AirflowHarness, wait_for
+from tests.conftest import upgrade_schema
 
 pytestmark = pytest.mark.slow
 
@@ -93,6 +96,7 @@ def one_pass_decisions(tmp_path: Path, config_path: Path, audience: Path, export
     the whole range, in-process, on a database of its own."""
     oracle = make_engine(f"sqlite:///{tmp_path / 'oracle.db'}")
     config = load_config(config_path, ROOT / "include" / "templates")
+    upgrade_schema(oracle, config.dimensions)
     load_recipients(oracle, audience)
     import_export(oracle, config, str(export))
     match_ready_events(oracle, config, now=time.time(), interval=(RANGE_START, RANGE_END))
@@ -177,6 +181,7 @@ def test_import_then_backfill_three_hours_sends_each_email_once(tmp_path: Path) 
     config_path = write_config(tmp_path / "triggers.yaml")
     audience = write_audience_csv(tmp_path / "audience.csv", PEOPLE)
     engine = make_engine(staging_url)
+    upgrade_schema(engine, load_config(config_path, ROOT / "include" / "templates").dimensions)  # `db upgrade`
 
     with LocalSmtpServer("127.0.0.1") as smtp, AirflowHarness(tmp_path / "airflow", env={
         "TRIGGERS_DB_URL": staging_url,

@@ -9,22 +9,16 @@ import pandas as pd
 import pytest
 from sqlalchemy import Engine, inspect, text
 
-from include.config import dimension_column, parse_config
+from include.config import VALUE_SEPARATOR, dimension_column, parse_config
 from include.database.engine import make_engine
-from include.database.schema import VALUE_SEPARATOR, ensure_schema, recipients
+from include.database.schema import recipients
 from include.database.sql import bulk_write
 from include.delivery.eligibility import still_eligible
-from include.matching.run import (
-    DELIVERY_COLUMNS,
-    AudienceReader,
-    _BatchWriter,
-    advance_frontier,
-    compile_rules,
-    match_ready_events,
-    read_frontier,
-    write_batch,
-)
-from tests.conftest import new_database_url
+from include.matching.reading import AudienceReader, advance_frontier, read_frontier
+from include.matching.rules import compile_rules
+from include.matching.run import match_ready_events
+from include.matching.writer import DELIVERY_COLUMNS, BatchWriter, write_batch
+from tests.conftest import new_database_url, upgrade_schema
 
 T0 = 1_767_225_600.0
 MINUTE, HOUR = 60.0, 3600.0
@@ -70,7 +64,7 @@ PEOPLE = [
 
 
 def stage(engine: Engine, *events: dict[str, Any], status: str = "new") -> None:
-    table = ensure_schema(engine, CONFIG.dimensions)
+    table = upgrade_schema(engine, CONFIG.dimensions)
     rows = []
     for event in events:
         dims = {
@@ -87,7 +81,7 @@ def stage(engine: Engine, *events: dict[str, Any], status: str = "new") -> None:
 
 
 def audience(engine: Engine, people: list[tuple[Any, ...]] = PEOPLE) -> None:
-    ensure_schema(engine, CONFIG.dimensions)
+    upgrade_schema(engine, CONFIG.dimensions)
     with engine.begin() as conn:
         bulk_write(conn, recipients, ["recipient_id", "email", "shopper_id", "mc_id", "opted_out"], people, conflict="update")
 
@@ -191,7 +185,7 @@ def test_batches_written_beside_the_next_decision_write_what_inline_writes(
     with staged.begin() as conn:
         conn.execute(text("DELETE FROM deliveries"))
         conn.execute(text("UPDATE pipeline_events SET status = 'new'"))
-    monkeypatch.setattr(_BatchWriter, "PROCESS_MIN_EVENTS", 1)  # a writer process from the first batch
+    monkeypatch.setattr(BatchWriter, "PROCESS_MIN_EVENTS", 1)  # a writer process from the first batch
     match_ready_events(staged, CONFIG, now=T0 + HOUR, batch_size=2)
     pd.testing.assert_frame_equal(deliveries_of(staged), expected)
     assert statuses(staged) == expected_statuses
@@ -209,7 +203,7 @@ def test_a_batch_that_cannot_be_written_stops_the_run_and_nothing_after_it_is_wr
         else:
             conn.execute(text("CREATE TRIGGER refuse BEFORE INSERT ON deliveries WHEN NEW.event_id = 'browse-2' "
                               "BEGIN SELECT RAISE(ABORT, 'refused'); END"))
-    monkeypatch.setattr(_BatchWriter, "PROCESS_MIN_EVENTS", 1)
+    monkeypatch.setattr(BatchWriter, "PROCESS_MIN_EVENTS", 1)
     with pytest.raises(Exception, match="refused"):
         match_ready_events(staged, CONFIG, now=T0 + HOUR, batch_size=2)
     # in time order: cart-1 and cart-2, then browse-2 with browse-3 (refused): nothing after is written
@@ -244,7 +238,7 @@ def test_dedupe_and_cap_remember_live_deliveries_but_not_failed_or_suppressed(en
     stage(engine, {"id": "b-new", "kind": "browse", "mc": "MC1", "t": T0})
     base = {"campaign_id": "browse_abandonment", "recipient_id": "r1", "email": "ann@example.com",
             "event_time": T0 - HOUR, "decided_at": T0, "attempts": 0}
-    ensure_schema(engine, CONFIG.dimensions)
+    upgrade_schema(engine, CONFIG.dimensions)
     from include.database.schema import deliveries
 
     for status, expected in [("failed", "pending"), ("suppressed", "pending"), ("sent", "dedupe")]:
@@ -360,8 +354,9 @@ def test_a_database_staged_before_the_frontier_gets_one_and_loses_the_status_ind
         conn.execute(text("DROP INDEX ix_pipeline_events_trigger_time"))
         conn.execute(text("DROP INDEX ix_deliveries_next"))
         conn.execute(text("CREATE INDEX ix_deliveries_due ON deliveries (status, decided_at, delivery_id)"))
+        conn.execute(text("DROP TABLE triggers_schema_version"))  # older versions had no schema version
     assert frontier_of(engine) == {}
-    ensure_schema(engine, CONFIG.dimensions)
+    upgrade_schema(engine, CONFIG.dimensions)
     assert frontier_of(engine) == {"T-BROWSE": (T0, 1)}
     with engine.connect() as conn:
         indexes = {i["name"] for table in ("pipeline_events", "deliveries") for i in inspect(conn).get_indexes(table)}

@@ -10,17 +10,11 @@ import pandas as pd
 import pytest
 import yaml
 
+from include.config import VALUE_SEPARATOR as SEP
 from include.config import TriggersConfig, dimension_column, parse_config
-from include.database.schema import VALUE_SEPARATOR as SEP
-from include.matching.run import (
-    compile_rules,
-    condition_holds,
-    decide,
-    delivery_ids,
-    expand_candidates,
-    last_value,
-    limit_reasons,
-)
+from include.matching.decisions import decide, delivery_ids, limit_reasons
+from include.matching.rules import compile_rules, expand_candidates
+from include.matching.values import condition_holds, last_value
 
 TRIGGER_IDS = {"cart": "T-CART", "browse": "T-BROWSE", "purchase": "T-BUY", "other": "T-OTHER"}
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0

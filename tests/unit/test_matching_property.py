@@ -19,11 +19,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
-from include.config import dimension_column, parse_config
+from include.config import VALUE_SEPARATOR, dimension_column, parse_config
 from include.database.engine import make_engine
-from include.database.schema import VALUE_SEPARATOR, ensure_schema, recipients
+from include.database.schema import recipients
 from include.database.sql import bulk_write
-from include.matching.run import latest_ready_time, match_ready_events
+from include.matching.rules import latest_ready_time
+from include.matching.run import match_ready_events
+from tests.conftest import upgrade_schema
 
 T0 = 1_767_225_600.0
 TRIGGERS = {"cart": "T-CART", "browse": "T-BROWSE", "purchase": "T-BUY"}
@@ -82,7 +84,7 @@ event_strategy = st.fixed_dictionaries(
 
 def stage(url: str, events: list[dict[str, Any]]) -> Any:
     engine = make_engine(url)
-    table = ensure_schema(engine, CONFIG.dimensions)
+    table = upgrade_schema(engine, CONFIG.dimensions)
     rows = []
     for number, event in enumerate(events):
         person = event["person"]
