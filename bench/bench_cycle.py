@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = os.environ.get("TRIGGERS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -57,7 +56,8 @@ def _load() -> str:
 # ---------------------------------------------------------------------------------------------
 def serve_simulator(events: int, people: int, start_time: float, span: float, public_key: str) -> None:
     """Child process: a simulator whose events were published over [start_time, start_time + span]."""
-    from include.sandbox.simulator import Simulator, SimulatorOptions
+    from include.sandbox.simulator.options import SimulatorOptions
+    from include.sandbox.simulator.server import Simulator
 
     options = SimulatorOptions(public_key_pem=Path(public_key).read_bytes(), events=events, people=people,
                                start_time=start_time, time_span=span, malformed_share=0.001,
@@ -136,11 +136,11 @@ class Databases:
     def prepare(self, audience_csv: Path, config) -> tuple[dict, float]:
         from include.audience.load import load_recipients
         from include.database.engine import make_engine
-        from include.database.schema import ensure_schema
+        from include.operations.database import upgrade_database
 
         self.template_url = self.fresh("template", template=False)
         engine = make_engine(self.template_url)
-        ensure_schema(engine, config.dimensions)
+        upgrade_database(engine, config.dimensions)
         started = time.perf_counter()
         loaded = load_recipients(engine, audience_csv)
         seconds = time.perf_counter() - started
@@ -193,22 +193,26 @@ def bench_config(fetch_size: int = 1000):
     })
 
 
-def authenticator(url: str, private_key: Path):
+def journal_client(url: str, private_key: Path, config):
+    """The simulator's journal for ``config``'s consumer, as AdobePipelineHook's get_conn() makes it."""
     from include.adobe.auth import ImsAuthenticator, PipelineCredentials
-    from include.sandbox.simulator import SimulatorOptions
+    from include.adobe.journal import JournalClient
+    from include.sandbox.simulator.options import SimulatorOptions
 
     options = SimulatorOptions()
-    return ImsAuthenticator(PipelineCredentials(
+    authenticator = ImsAuthenticator(PipelineCredentials(
         pipeline_url=url, ims_url=url, client_id=options.client_id, client_secret=options.client_secret,
         org_id=options.org_id, technical_account_id=options.technical_account_id,
         private_key=private_key.read_bytes()))
+    return JournalClient(authenticator, config.pipeline.consumer, retry_validity=config.pipeline.retry_validity)
 
 
 def measure_cycle(databases: Databases, schedule: int, events: int, people: int, private_key: Path,
                   public_key: Path, fetch_sizes: list[int], connections: list[int], deliver_sample: int) -> dict:
     """Drain the backlog of one run with each fetch size, then match and deliver each copy."""
     from include.database.engine import make_engine
-    from include.delivery.sender import SmtpSettings, deliver_pending
+    from include.delivery.run import DeliveryOptions, deliver_pending
+    from include.delivery.smtp import SmtpSettings
     from include.matching.run import match_ready_events
     from include.staging.drain import drain
 
@@ -216,16 +220,16 @@ def measure_cycle(databases: Databases, schedule: int, events: int, people: int,
     copies = max(len(fetch_sizes), len(connections))
     simulator, url = start_simulator(events, people, time.time() - AGE - span, span, public_key)
     smtp_process, smtp_port = start_smtp()
-    smtp = SmtpSettings.from_connection(SimpleNamespace(
-        host="127.0.0.1", port=smtp_port, login=None, password=None,
-        extra_dejson={"disable_ssl": True, "disable_tls": True, "from_email": "shop@example.com"}))
+    # what PipeliningSmtpHook reads from smtp_default, without Airflow in the measured process
+    smtp = SmtpSettings(host="127.0.0.1", port=smtp_port, use_ssl=False, starttls=False, from_email="shop@example.com")
     result: dict = {"schedule": schedule, "events": events, "drain": [], "match": [], "deliver": []}
     try:
         urls = [databases.fresh(f"m{schedule}_{i}") for i in range(copies)]
         for i, db_url in enumerate(urls):
             fetch_size = fetch_sizes[i % len(fetch_sizes)]
             engine = make_engine(db_url)
-            report = drain(engine, bench_config(fetch_size), authenticator(url, private_key))
+            config = bench_config(fetch_size)
+            report = drain(engine, config, journal_client(url, private_key, config))
             engine.dispose()
             if i < len(fetch_sizes):
                 result["drain"].append({"fetch_size": fetch_size, "seconds": report.seconds,
@@ -247,8 +251,9 @@ def measure_cycle(databases: Databases, schedule: int, events: int, people: int,
             pending = result["match"][i]["counts"]["pending"]
             engine = make_engine(db_url)
             started = time.perf_counter()
-            counts = deliver_pending(engine, config, smtp, templates_dir=TEMPLATES, worker_id=f"bench-{i}",
-                                     connections=connections[i], max_messages=deliver_sample or None)
+            counts = deliver_pending(engine, config, smtp, DeliveryOptions(
+                templates_dir=TEMPLATES, worker_id=f"bench-{i}", connections=connections[i],
+                max_messages=deliver_sample or None))
             seconds = time.perf_counter() - started
             engine.dispose()
             sent = counts.get("sent", 0)
@@ -269,7 +274,7 @@ def measure_cycle(databases: Databases, schedule: int, events: int, people: int,
 def measure_overhead(databases: Databases, workdir: Path, private_key: Path, public_key: Path, runs: int) -> dict:
     """Wall time of `airflow dags test triggers_pipeline` with an empty journal: warm-up + ``runs``."""
     from include.sandbox.demo import AIRFLOW, airflow_environment
-    from include.sandbox.simulator import SimulatorOptions
+    from include.sandbox.simulator.options import SimulatorOptions
 
     db_url = databases.fresh("airflow")
     simulator, url = start_simulator(0, 1000, time.time() - 60, 60.0, public_key)
@@ -388,7 +393,7 @@ def main() -> None:
         return
 
     from include.sandbox.keys import create_key_pair
-    from include.sandbox.simulator import write_audience_csv
+    from include.sandbox.simulator.population import write_audience_csv
 
     os.environ["TRIGGERS_TOKEN_CACHE"] = "off"
     schedules = _csv_ints(args.schedules)

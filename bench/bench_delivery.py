@@ -30,7 +30,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,10 +114,12 @@ DOMAINS = ("gmail.com", "yahoo.fr", "orange.fr", "outlook.com", "example.org")
 
 
 def fill_database(engine, config, count: int) -> None:
-    from include.database.schema import deliveries, ensure_schema, recipients
+    from include.database.schema import deliveries, events_table, recipients
     from include.database.sql import bulk_write
+    from include.operations.database import upgrade_database
 
-    table = ensure_schema(engine, config.dimensions)
+    upgrade_database(engine, config.dimensions)
+    table = events_table(config.dimensions)
     now = time.time()
     events = []
     for i in range(100):
@@ -182,15 +183,17 @@ def plain_smtplib(port: int, messages, connections: int = 1) -> float:
 
 
 def delivery_path(engine, config, port: int, count: int, connections: int, window: int | None = None) -> float:
-    from include.delivery.sender import SmtpSettings, deliver_pending
+    from include.delivery.run import DeliveryOptions, deliver_pending
+    from include.delivery.smtp import SmtpSettings
 
-    smtp = SmtpSettings.from_connection(SimpleNamespace(
-        host="127.0.0.1", port=port, login=None, password=None, extra_dejson={"disable_ssl": True, "disable_tls": True}))
+    # what PipeliningSmtpHook reads from {"disable_ssl": true, "disable_tls": true}, built here so
+    # that Airflow (a large heap for the garbage collector) stays out of the measured process
+    smtp = SmtpSettings(host="127.0.0.1", port=port, use_ssl=False, starttls=False)
     reset_deliveries(engine)
-    options = {} if window is None else {"window": window}
+    options = DeliveryOptions(templates_dir=ROOT / "include" / "templates", worker_id="bench", connections=connections,
+                              batch_size=1000, **({} if window is None else {"window": window}))
     started = time.perf_counter()
-    counts = deliver_pending(engine, config, smtp, templates_dir=ROOT / "include" / "templates", worker_id="bench",
-                             connections=connections, batch_size=1000, **options)
+    counts = deliver_pending(engine, config, smtp, options)
     elapsed = time.perf_counter() - started
     assert counts.get("sent") == count, counts
     return count / elapsed
@@ -212,7 +215,7 @@ def main() -> int:
     os.environ.setdefault("TRIGGERS_TEMPLATES", str(ROOT / "include" / "templates"))
     from include.config import load_config
     from include.database.engine import make_engine
-    from include.delivery.sender import default_render_processes
+    from include.delivery.render_pool import default_render_processes
 
     config = load_config(ROOT / "include" / "triggers.yaml", ROOT / "include" / "templates")
     config = config.model_copy(update={"limits": config.limits.model_copy(update={"rate": None})})  # measure, not throttle

@@ -14,14 +14,15 @@ from include.errors import TriggersError
 
 COMMANDS = {
     # name: (module, one-line help)
-    "simulator": ("include.sandbox.simulator", "run the local Adobe pipeline simulator (IMS + journal)"),
+    "simulator": ("include.sandbox.simulator.cli", "run the local Adobe pipeline simulator (IMS + journal)"),
     "keys": ("include.sandbox.keys", "create an RSA key pair and a matching adobe_pipeline connection"),
     "drain": ("include.staging.drain", "authenticate and drain the pipeline journal into staging once"),
-    "deliver": ("include.delivery.sender", "send the pending emails once through smtp_default"),
-    "import": ("include.staging.stager", "stage a JSON-lines export of past events, for a backfill"),
+    "deliver": ("include.delivery.run", "send the pending emails once through smtp_default"),
+    "import": ("include.staging.imports", "stage a JSON-lines export of past events, for a backfill"),
     "demo": ("include.sandbox.demo", "run the whole job once on embedded defaults and show what it did"),
     "status": ("include.operations.status", "print the pipeline status (what the Airflow status view shows) as JSON"),
     "audience": ("include.audience.load", "load the recipients table from CSV"),
+    "db": ("include.operations.database", "upgrade the staging database's schema (db upgrade) or check it (db check)"),
     "purge": ("include.operations.purge", "delete staged events and deliveries older than their retention"),
     "smtp": ("include.sandbox.smtp_server", "run a local SMTP server that keeps what it receives (demo, tests)"),
 }

@@ -1,1 +1,10 @@
-"""delivery."""
+"""Delivery: sending the pending deliveries over SMTP, each ``delivery_id`` at most once (SPEC 6, 7).
+
+``run.deliver_pending(engine, config, smtp, DeliveryOptions(...))`` is the entry point; ``hook``
+reads ``smtp_default`` through the SMTP provider. Inside: ``render`` (templates, MIME),
+``render_pool`` (rows to messages, render processes), ``eligibility`` (send-time re-check),
+``claims`` (select, re-check, render, claim), ``smtp`` (the protocol, with pipelining),
+``ratelimit``, ``sender`` (a thread per connection), ``recorder`` (group commit), ``recovery``
+(interrupted claims). May import config, errors, runtime, database, staging.parser, matching;
+never operations or the sandbox.
+"""

@@ -46,7 +46,9 @@ PARTS = ("subject", "txt", "html")
 
 _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
 _LOCAL_PART = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*")
-_DOMAIN = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+(?:[A-Za-z]{2,63}|xn--[A-Za-z0-9-]{1,59})")
+_DOMAIN = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+(?:[A-Za-z]{2,63}|xn--[A-Za-z0-9-]{1,59})"
+)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _PLAIN_PHRASE = re.compile(rf"[{_ATEXT} ]*")
 _LOCALE = re.compile(r"([A-Za-z]{2,3})(?:[_-]([A-Za-z0-9]{2,8}))?")
@@ -145,7 +147,9 @@ def parse_sender(sender: str) -> tuple[str, str]:
     try:
         address = normalize_email(address)
     except InvalidEmailError:
-        raise InvalidEmailError(f"campaign sender {sender!r} is not 'Name <address>' with one valid address") from None
+        raise InvalidEmailError(
+            f"campaign sender {sender!r} is not 'Name <address>' with one valid address"
+        ) from None
     return format_address(name, address), address
 
 
@@ -157,11 +161,17 @@ def message_id_for(delivery_id: str, domain: str) -> str:
     return f"<{left}@{domain}>"
 
 
-def unsubscribe_url_for(delivery_id: str, campaign_id: str, recipient_id: str | None = None, template: str | None = None) -> str:
+def unsubscribe_url_for(
+    delivery_id: str, campaign_id: str, recipient_id: str | None = None, template: str | None = None
+) -> str:
     """The one-click unsubscribe URL: ``TRIGGERS_UNSUBSCRIBE_URL`` with ``{delivery_id}``,
     ``{campaign_id}`` and ``{recipient_id}`` filled in, URL-quoted."""
     template = template or os.environ.get(UNSUBSCRIBE_URL_ENV) or DEFAULT_UNSUBSCRIBE_URL
-    return template.format(delivery_id=_url_part(delivery_id), campaign_id=_url_part(campaign_id), recipient_id=_url_part(recipient_id or ""))
+    return template.format(
+        delivery_id=_url_part(delivery_id),
+        campaign_id=_url_part(campaign_id),
+        recipient_id=_url_part(recipient_id or ""),
+    )
 
 
 def _url_part(value: Any) -> str:
@@ -169,7 +179,9 @@ def _url_part(value: Any) -> str:
     return text if _URL_SAFE.fullmatch(text) else quote(text, safe="")  # quote() costs ~15 µs
 
 
-def event_context(trigger_id: str | None, event_time: float | None, dimensions: Mapping[str, list[Any]] | None) -> dict[str, Any]:
+def event_context(
+    trigger_id: str | None, event_time: float | None, dimensions: Mapping[str, list[Any]] | None
+) -> dict[str, Any]:
     """What a template sees as ``event``: trigger_id, time (aware, UTC), dimensions name -> values."""
     return {
         "trigger_id": trigger_id,
@@ -185,10 +197,40 @@ def _quoted_printable(text: str) -> bytes:
     return binascii.b2a_qp(body.encode("utf-8"), istext=True).replace(b"\n", b"\r\n")
 
 
+def _multipart_alternative(headers: str, text: str, html: str) -> bytes:
+    """The message: ``headers`` (CRLF-ended lines), then the text and HTML parts."""
+    # "=_" cannot occur in quoted-printable text, so the boundary need not be secret (urandom costs ~50 µs)
+    boundary = f"=_{random.getrandbits(96):024x}"
+    head = (
+        f"{headers}"
+        "MIME-Version: 1.0\r\n"
+        f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n'
+        "\r\n"
+        f"--{boundary}\r\n"
+        'Content-Type: text/plain; charset="utf-8"\r\n'
+        "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+    ).encode("ascii")
+    html_head = (
+        f"--{boundary}\r\n"
+        'Content-Type: text/html; charset="utf-8"\r\n'
+        "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+    ).encode("ascii")
+    parts = (
+        head,
+        _quoted_printable(text),
+        html_head,
+        _quoted_printable(html),
+        f"--{boundary}--\r\n".encode("ascii"),
+    )
+    return b"".join(parts)
+
+
 class Renderer:
     """Compiles each template set once and renders messages from it."""
 
-    def __init__(self, templates_dir: str | os.PathLike[str], *, unsubscribe_mailto: str | None = None) -> None:
+    def __init__(
+        self, templates_dir: str | os.PathLike[str], *, unsubscribe_mailto: str | None = None
+    ) -> None:
         self.templates_dir = Path(templates_dir)
         self.environment = jinja2.Environment(
             loader=jinja2.FileSystemLoader(str(self.templates_dir)),
@@ -197,10 +239,14 @@ class Renderer:
             auto_reload=False,
             keep_trailing_newline=False,
         )
-        self.unsubscribe_mailto = unsubscribe_mailto if unsubscribe_mailto is not None else os.environ.get(UNSUBSCRIBE_MAILTO_ENV)
+        self.unsubscribe_mailto = (
+            unsubscribe_mailto if unsubscribe_mailto is not None else os.environ.get(UNSUBSCRIBE_MAILTO_ENV)
+        )
         self._sets: dict[tuple[str, str | None], tuple[jinja2.Template, ...]] = {}
         self._senders: dict[str, tuple[str, str, str]] = {}
-        self._globals: dict[int, tuple[jinja2.Template, dict[str, Any]]] = {}  # id(template) -> (template, its globals)
+        self._globals: dict[
+            int, tuple[jinja2.Template, dict[str, Any]]
+        ] = {}  # id(template) -> (template, its globals)
         self._date: tuple[int, str] = (0, "")
 
     def template_set(self, name: str, locale: str | None = None) -> tuple[jinja2.Template, ...]:
@@ -226,7 +272,9 @@ class Renderer:
                     return tuple(self.environment.get_template(f"{prefix}.{part}.j2") for part in PARTS)
                 except jinja2.TemplateError as error:
                     raise TemplateRenderError(f"template set {prefix!r}: {error}") from None
-        raise TemplateRenderError(f"template set {name!r} not found in {self.templates_dir} (needs {name}.subject.j2, .txt.j2, .html.j2)")
+        raise TemplateRenderError(
+            f"template set {name!r} not found in {self.templates_dir} (needs {name}.subject.j2, .txt.j2, .html.j2)"
+        )
 
     def _render_template(self, template: jinja2.Template, context: dict[str, Any]) -> str:
         """``template.render(context)`` without its per-call copy of the globals' ChainMap (~70 µs)."""
@@ -235,7 +283,9 @@ class Renderer:
         if found is None:
             found = self._globals[key] = (template, dict(template.globals))
         environment = template.environment
-        frame = environment.context_class(environment, {**found[1], **context}, template.name, template.blocks)
+        frame = environment.context_class(
+            environment, {**found[1], **context}, template.name, template.blocks
+        )
         return environment.concat(template.root_render_func(frame))  # type: ignore[attr-defined]
 
     def _sender(self, sender: str) -> tuple[str, str, str]:
@@ -263,23 +313,24 @@ class Renderer:
         to_address = normalize_email(recipient.get("email"))
         from_header, from_address, domain = self._sender(campaign.sender)
         if _URL_FORBIDDEN.search(unsubscribe_url):
-            raise TemplateRenderError(f"unsubscribe URL {unsubscribe_url[:100]!r} contains spaces, quotes or brackets")
-        subject_t, text_t, html_t = self.template_set(campaign.template, recipient.get("locale"))
-        context = {"recipient": recipient, "event": event, "campaign": {"id": campaign.id}, "unsubscribe_url": unsubscribe_url}
-        try:
-            subject = self._render_template(subject_t, context)
-            text = self._render_template(text_t, context)
-            html = self._render_template(html_t, context)
-        except Exception as error:  # any template failure fails this delivery only
-            raise TemplateRenderError(f"template {campaign.template!r}: {type(error).__name__}: {error}"[:500]) from None
+            raise TemplateRenderError(
+                f"unsubscribe URL {unsubscribe_url[:100]!r} contains spaces, quotes or brackets"
+            )
+        context = {
+            "recipient": recipient,
+            "event": event,
+            "campaign": {"id": campaign.id},
+            "unsubscribe_url": unsubscribe_url,
+        }
+        subject, text, html = self._render_set(campaign.template, recipient.get("locale"), context)
         name = " ".join(str(p) for p in (recipient.get("first_name"), recipient.get("last_name")) if p)
         message_id = message_id_for(delivery_id, domain)
         unsubscribe = f"<{unsubscribe_url}>"
         if self.unsubscribe_mailto:
-            unsubscribe += f", <mailto:{self.unsubscribe_mailto}?subject=unsubscribe-{quote(str(delivery_id), safe='')}>"
-        # "=_" cannot occur in quoted-printable text, so the boundary need not be secret (urandom costs ~50 µs)
-        boundary = f"=_{random.getrandbits(96):024x}"
-        head = (
+            unsubscribe += (
+                f", <mailto:{self.unsubscribe_mailto}?subject=unsubscribe-{quote(str(delivery_id), safe='')}>"
+            )
+        headers = (
             f"From: {from_header}\r\n"
             f"To: {format_address(name, to_address)}\r\n"
             f"Subject: {encode_unstructured(subject)}\r\n"
@@ -288,20 +339,23 @@ class Renderer:
             f"List-Unsubscribe: {unsubscribe}\r\n"
             "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
             f"X-Campaign-Id: {clean_header_text(campaign.id)}\r\n"
-            "MIME-Version: 1.0\r\n"
-            f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n'
-            "\r\n"
-            f"--{boundary}\r\n"
-            'Content-Type: text/plain; charset="utf-8"\r\n'
-            "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
-        ).encode("ascii")
-        html_head = (
-            f"--{boundary}\r\n"
-            'Content-Type: text/html; charset="utf-8"\r\n'
-            "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
-        ).encode("ascii")
-        data = b"".join((head, _quoted_printable(text), html_head, _quoted_printable(html), f"--{boundary}--\r\n".encode("ascii")))
+        )
+        data = _multipart_alternative(headers, text, html)
         return RenderedEmail(from_address, to_address, data, message_id)
+
+    def _render_set(self, template: str, locale: str | None, context: dict[str, Any]) -> tuple[str, str, str]:
+        """The subject, text and HTML of the set ``template`` in ``locale``."""
+        subject_t, text_t, html_t = self.template_set(template, locale)
+        try:
+            return (
+                self._render_template(subject_t, context),
+                self._render_template(text_t, context),
+                self._render_template(html_t, context),
+            )
+        except Exception as error:  # any template failure fails this delivery only
+            raise TemplateRenderError(
+                f"template {template!r}: {type(error).__name__}: {error}"[:500]
+            ) from None
 
     def render(
         self,

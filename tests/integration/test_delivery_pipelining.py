@@ -15,9 +15,9 @@ from sqlalchemy import Engine
 
 from include.config import DEFAULT_TEMPLATES_DIR, TriggersConfig, load_config
 from include.database.engine import make_engine
-from include.delivery.sender import SmtpSettings, deliver_pending
+from include.delivery.run import DeliveryOptions, deliver_pending
 from include.sandbox.smtp_server import LocalSmtpServer
-from tests.integration.test_delivery import ROOT, deliver, received_ids, rows, seed
+from tests.integration.test_delivery import ROOT, deliver, received_ids, rows, seed, settings_of
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,9 @@ def test_with_pipelining_a_message_costs_one_round_trip_and_without_it_four(
 
 
 @pytest.mark.parametrize("stage", ["MAIL", "RCPT", "DATA"])
-def test_a_4xx_is_retried_and_the_connection_goes_on(engine: Engine, config: TriggersConfig, server: LocalSmtpServer, stage: str) -> None:
+def test_a_4xx_is_retried_and_the_connection_goes_on(
+    engine: Engine, config: TriggersConfig, server: LocalSmtpServer, stage: str
+) -> None:
     ids = seed(engine, config, [{} for _ in range(3)])
     server.fail_next(1, reply="450 4.2.1 Try again later", at=stage)
     counts = deliver(engine, config, server)
@@ -123,7 +125,9 @@ def test_a_connection_dropped_at_any_command_loses_nothing_and_sends_nothing_twi
     assert_in_step(server)
 
 
-def test_lines_that_start_with_a_dot_arrive_intact(engine: Engine, config: TriggersConfig, server: LocalSmtpServer, tmp_path: Path) -> None:
+def test_lines_that_start_with_a_dot_arrive_intact(
+    engine: Engine, config: TriggersConfig, server: LocalSmtpServer, tmp_path: Path
+) -> None:
     for path in DEFAULT_TEMPLATES_DIR.glob("cart_abandonment.*"):
         (tmp_path / path.name).write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
     body = ".a line that starts with a dot\n..two dots\n.\nthe last line"
@@ -171,15 +175,25 @@ class _LenientServer(socketserver.ThreadingTCPServer):
     data_lines: list[bytes]
 
 
-def test_a_data_accepted_after_the_recipient_was_refused_gets_an_empty_end_not_the_message(engine: Engine, config: TriggersConfig) -> None:
+def test_a_data_accepted_after_the_recipient_was_refused_gets_an_empty_end_not_the_message(
+    engine: Engine, config: TriggersConfig
+) -> None:
     seed(engine, config, [{}])
     with _LenientServer(("127.0.0.1", 0), _LenientHandler) as lenient:
         lenient.data_lines = []
         threading.Thread(target=lenient.serve_forever, daemon=True).start()
-        smtp = SmtpSettings.from_connection(SimpleNamespace(
-            host="127.0.0.1", port=lenient.server_address[1], login=None, password=None,
-            extra_dejson={"disable_ssl": True, "disable_tls": True, "retry_limit": 0}))
-        counts = deliver_pending(engine, config, smtp, templates_dir=DEFAULT_TEMPLATES_DIR, worker_id="t")
+        smtp = settings_of(
+            SimpleNamespace(
+                host="127.0.0.1",
+                port=lenient.server_address[1],
+                login=None,
+                password=None,
+                extra_dejson={"disable_ssl": True, "disable_tls": True, "retry_limit": 0},
+            )
+        )
+        counts = deliver_pending(
+            engine, config, smtp, DeliveryOptions(templates_dir=DEFAULT_TEMPLATES_DIR, worker_id="t")
+        )
         lenient.shutdown()
     assert counts == {"failed": 1}
     (row,) = rows(engine).values()

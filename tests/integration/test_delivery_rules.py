@@ -8,10 +8,14 @@ import socket
 from types import SimpleNamespace
 
 import pytest
+from airflow.providers.smtp.hooks.smtp import SmtpHook
 from hypothesis import given
 from hypothesis import strategies as st
 
-from include.delivery.sender import RateLimiter, SmtpSettings, _claim_is_orphaned, _dot_stuffed
+from include.delivery.hook import PipeliningSmtpHook
+from include.delivery.ratelimit import RateLimiter
+from include.delivery.recovery import _claim_is_orphaned
+from include.delivery.smtp import SmtpSettings, _dot_stuffed
 from include.errors import SmtpUnavailableError
 
 
@@ -20,16 +24,46 @@ def connection(**fields: object) -> SimpleNamespace:
     return SimpleNamespace(**{**base, **fields})
 
 
+def settings_of(connection: SimpleNamespace) -> SmtpSettings:
+    return PipeliningSmtpHook.for_connection(connection).session_settings()
+
+
 def test_smtp_settings_follow_the_provider_defaults_and_extras() -> None:
-    default = SmtpSettings.from_connection(connection())
+    default = settings_of(connection())
     assert (default.use_ssl, default.starttls, default.timeout, default.retry_limit) == (True, True, 30.0, 5)
     assert default.address == "smtp.example.com:465"
-    relay = SmtpSettings.from_connection(connection(port=587, login="apikey", password="secret", extra_dejson={
-        "disable_ssl": "true", "disable_tls": False, "timeout": 10, "retry_limit": 2, "from_email": "bounces@shop.example"}))
-    assert (relay.use_ssl, relay.starttls, relay.address, relay.from_email) == (False, True, "smtp.example.com:587", "bounces@shop.example")
+    relay = settings_of(
+        connection(
+            port=587,
+            login="apikey",
+            password="secret",
+            extra_dejson={
+                "disable_ssl": "true",
+                "disable_tls": False,
+                "timeout": 10,
+                "retry_limit": 2,
+                "from_email": "bounces@shop.example",
+            },
+        )
+    )
+    assert (relay.use_ssl, relay.starttls, relay.address, relay.from_email) == (
+        False,
+        True,
+        "smtp.example.com:587",
+        "bounces@shop.example",
+    )
     assert "secret" not in repr(relay)
     with pytest.raises(SmtpUnavailableError, match="ssl_context"):
-        SmtpSettings.from_connection(connection(extra_dejson={"ssl_context": "insecure"}))
+        settings_of(connection(extra_dejson={"ssl_context": "insecure"}))
+
+
+def test_the_hook_is_the_providers_and_refuses_a_flag_it_would_misread() -> None:
+    assert issubclass(PipeliningSmtpHook, SmtpHook) and PipeliningSmtpHook.default_conn_name == "smtp_default"
+    with pytest.raises(
+        SmtpUnavailableError, match="disable_tls"
+    ):  # the provider reads any non-empty string as true
+        settings_of(connection(extra_dejson={"disable_ssl": True, "disable_tls": "false"}))
+    assert settings_of(connection(extra_dejson={"disable_ssl": "true", "disable_tls": ""})).starttls
 
 
 def test_rate_limiter_spaces_slots_overall_and_per_domain() -> None:
@@ -47,8 +81,12 @@ def test_a_claim_is_orphaned_only_when_its_worker_is_surely_gone() -> None:
     live = f"run|{host}|1|abc"  # pid 1 always runs
     assert not _claim_is_orphaned(live, now - 5, lease=600, now=now)
     assert _claim_is_orphaned(live, now - 601, lease=600, now=now)  # lease expired
-    assert _claim_is_orphaned(f"run|{host}|{os.getpid()}|not-running", now - 5, lease=600, now=now)  # this process, not a running call
-    assert not _claim_is_orphaned("run|other-host|12345|abc", now - 5, lease=600, now=now)  # cannot tell: wait for the lease
+    assert _claim_is_orphaned(
+        f"run|{host}|{os.getpid()}|not-running", now - 5, lease=600, now=now
+    )  # this process, not a running call
+    assert not _claim_is_orphaned(
+        "run|other-host|12345|abc", now - 5, lease=600, now=now
+    )  # cannot tell: wait for the lease
 
 
 @given(st.lists(st.sampled_from([b".", b"..", b"\r\n", b"\n", b"a", b" "]), max_size=30).map(b"".join))

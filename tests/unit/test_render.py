@@ -21,11 +21,23 @@ from include.delivery.render import (
 )
 from include.errors import InvalidEmailError, TemplateRenderError
 
-CAMPAIGN = SimpleNamespace(id="cart_abandonment", template="cart_abandonment", sender="Shop <shop@example.com>")
-EVENT = event_context("3e8a2ba7", 1767225912.0, {" products": ["SKU-1042", "<script>alert(1)</script>"], "eVar01": ["SHOP-1"]})
+CAMPAIGN = SimpleNamespace(
+    id="cart_abandonment", template="cart_abandonment", sender="Shop <shop@example.com>"
+)
+EVENT = event_context(
+    "3e8a2ba7", 1767225912.0, {" products": ["SKU-1042", "<script>alert(1)</script>"], "eVar01": ["SHOP-1"]}
+)
 EXPECTED_HEADERS = {
-    "from", "to", "subject", "date", "message-id", "list-unsubscribe", "list-unsubscribe-post", "x-campaign-id",
-    "mime-version", "content-type",
+    "from",
+    "to",
+    "subject",
+    "date",
+    "message-id",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
+    "x-campaign-id",
+    "mime-version",
+    "content-type",
 }
 
 
@@ -35,8 +47,16 @@ def renderer() -> Renderer:
 
 
 def recipient(**columns: object) -> dict[str, object]:
-    base = {"recipient_id": "r1", "email": "camille@example.org", "first_name": "Camille", "last_name": "Martin",
-            "locale": None, "shopper_id": "SHOP-1", "mc_id": None, "opted_out": False}
+    base = {
+        "recipient_id": "r1",
+        "email": "camille@example.org",
+        "first_name": "Camille",
+        "last_name": "Martin",
+        "locale": None,
+        "shopper_id": "SHOP-1",
+        "mc_id": None,
+        "opted_out": False,
+    }
     return {**base, **columns}
 
 
@@ -69,7 +89,11 @@ def test_message_is_multipart_alternative_with_the_required_headers(renderer: Re
 
 
 def test_html_part_is_autoescaped_and_text_part_is_not(renderer: Renderer) -> None:
-    message = parse(renderer.render_bytes(CAMPAIGN, recipient(first_name="<b>Bob</b>"), EVENT, "d-2", "https://x.example/u").data)
+    message = parse(
+        renderer.render_bytes(
+            CAMPAIGN, recipient(first_name="<b>Bob</b>"), EVENT, "d-2", "https://x.example/u"
+        ).data
+    )
     html = message.get_body(("html",)).get_content()
     text = message.get_body(("plain",)).get_content()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>" not in html
@@ -80,13 +104,17 @@ def test_html_part_is_autoescaped_and_text_part_is_not(renderer: Renderer) -> No
 
 def test_locale_picks_the_localised_set_and_falls_back(renderer: Renderer) -> None:
     def subject(locale: object) -> str:
-        return parse(renderer.render_bytes(CAMPAIGN, recipient(locale=locale), EVENT, "d", "https://x.example/u").data)["Subject"]
+        return parse(
+            renderer.render_bytes(CAMPAIGN, recipient(locale=locale), EVENT, "d", "https://x.example/u").data
+        )["Subject"]
 
     assert subject("fr_FR") == "Camille, votre panier vous attend (2 articles)"
     assert subject("fr-fr") == subject("fr_FR")
     assert subject("en_US") == subject(None) == "Camille, your cart is waiting (2 items)"
     assert subject("../../etc/passwd") == subject(None)  # never a path
-    french = parse(renderer.render_bytes(CAMPAIGN, recipient(locale="fr_FR"), EVENT, "d", "https://x.example/u").data)
+    french = parse(
+        renderer.render_bytes(CAMPAIGN, recipient(locale="fr_FR"), EVENT, "d", "https://x.example/u").data
+    )
     assert "Vous avez laissé ces articles" in french.get_body(("plain",)).get_content()
     assert 'lang="fr"' in french.get_body(("html",)).get_content()
 
@@ -121,7 +149,9 @@ def test_addresses_are_normalised() -> None:
 @given(first=st.text(max_size=60), last=st.text(max_size=60))
 def test_names_can_never_add_a_header_or_a_recipient(first: str, last: str) -> None:
     renderer = _shared_renderer()
-    rendered = renderer.render_bytes(CAMPAIGN, recipient(first_name=first, last_name=last), EVENT, "d-9", "https://x.example/u")
+    rendered = renderer.render_bytes(
+        CAMPAIGN, recipient(first_name=first, last_name=last), EVENT, "d-9", "https://x.example/u"
+    )
     message = parse(rendered.data)
     assert {k.lower() for k in message.keys()} == EXPECTED_HEADERS
     addresses = message["To"].addresses
@@ -146,7 +176,13 @@ def _shared_renderer() -> Renderer:
 
 
 def test_non_ascii_subject_and_name_are_encoded_words(renderer: Renderer) -> None:
-    rendered = renderer.render_bytes(CAMPAIGN, recipient(first_name="Zoë", last_name="Ångström", locale="fr_FR"), EVENT, "d", "https://x.example/u")
+    rendered = renderer.render_bytes(
+        CAMPAIGN,
+        recipient(first_name="Zoë", last_name="Ångström", locale="fr_FR"),
+        EVENT,
+        "d",
+        "https://x.example/u",
+    )
     assert rendered.data.split(b"\r\n\r\n", 1)[0].isascii()
     message = parse(rendered.data)
     assert message["To"].addresses[0].display_name == "Zoë Ångström"
@@ -168,9 +204,9 @@ def test_message_id_and_unsubscribe_url_are_stable_and_safe() -> None:
     assert message_id_for("abc.123", "example.com") == "<abc.123@example.com>"
     odd = message_id_for("a b<c>", "example.com")
     assert odd == message_id_for("a b<c>", "example.com") and " " not in odd and odd.count("<") == 1
-    assert unsubscribe_url_for("a b&c", "camp", template="https://u.example/{campaign_id}?d={delivery_id}") == (
-        "https://u.example/camp?d=a%20b%26c"
-    )
+    assert unsubscribe_url_for(
+        "a b&c", "camp", template="https://u.example/{campaign_id}?d={delivery_id}"
+    ) == ("https://u.example/camp?d=a%20b%26c")
 
 
 def test_event_context_gives_an_aware_utc_time_and_trimmed_dimension_names() -> None:

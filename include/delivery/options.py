@@ -1,0 +1,49 @@
+"""How one delivery run goes: :class:`DeliveryOptions`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DeliveryOptions:
+    """The options of one :func:`~include.delivery.run.deliver_pending` call.
+
+    ``templates_dir``: the campaigns' template sets; ``worker_id``: names the run in the rows it
+    claims (the DAG passes its run id). ``connections`` SMTP connections in parallel, each reused
+    for many messages; ``batch_size`` rows selected, re-checked and claimed together;
+    ``max_messages``: stop after claiming this many. ``now``: the run's clock starts there (tests,
+    reruns); ``interval``: only the deliveries of that event-time interval (a backfill run).
+    ``window`` bounds the messages per connection accepted by the server but not yet committed
+    (1 = commit each message before sending the next). ``lease``: after this long, a claim whose
+    worker cannot be checked is taken back. A 4xx or a dropped connection puts the row back to
+    ``pending`` with ``retry_delay * 2**(attempts-1)`` (capped at ``max_retry_delay``) before it
+    is due again; the run waits for retries due within ``wait_for_retries`` seconds and leaves
+    later ones to the next run; after ``max_attempts`` claims the row is ``failed``.
+    ``unsubscribe_url``: the URL template (default ``TRIGGERS_UNSUBSCRIBE_URL``).
+    ``render_processes``: separate processes that render large runs (default
+    :func:`~include.delivery.render_pool.default_render_processes`; 0 = in this process).
+    """
+
+    templates_dir: str | os.PathLike[str]
+    worker_id: str
+    connections: int = 1
+    batch_size: int = 500
+    max_messages: int | None = None
+    now: float | None = None
+    interval: tuple[float, float] | None = None
+    window: int = 16
+    lease: float = 600.0
+    retry_delay: float = 60.0
+    max_retry_delay: float = 3600.0
+    max_attempts: int = 8
+    wait_for_retries: float = 30.0
+    unsubscribe_url: str | None = None
+    render_processes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.connections < 1 or self.window < 1 or self.batch_size < 1:
+            raise ValueError("connections, window and batch_size must be at least 1")
+        object.__setattr__(self, "templates_dir", Path(self.templates_dir))

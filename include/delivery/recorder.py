@@ -1,0 +1,141 @@
+"""Recording what the relay answered, with group commit.
+
+The recorder thread commits whatever results are waiting in one transaction: when idle every
+message gets its own commit right after its 250; under load a commit covers the messages that
+arrived during the previous one. A sender's window slot is freed only once its result is
+committed, so a connection never has more than ``window`` messages acknowledged by the server
+but not yet recorded. If the database stays down, the run stops: rows stay ``sending`` and a
+later run requeues them (:mod:`include.delivery.recovery`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import time
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+
+from include.database.sql import driver_sql
+from include.delivery.state import STOP, Result, RunState
+
+log = logging.getLogger(__name__)
+
+RECORD_LINGER = 0.005  # seconds a result may wait for others to share its commit (window > 1)
+MAX_GROUP = 5000  # results in one commit at most
+_RECORDED = {  # what a row becomes, by what the recorder writes
+    "sent": "status = 'sent', sent_at = :at, smtp_reply = :reply, reason = NULL",
+    "failed": "status = 'failed', reason = :reason, smtp_reply = :reply",
+    "retry": "status = 'pending', claimed_at = :at, smtp_reply = :reply, reason = 'retry: ' || :reply",
+    "release": "status = 'pending', attempts = attempts - 1",  # never handed to the server: the claim did not count
+}
+_COUNTED = {"sent": "sent", "failed": "failed", "retry": "retried", "release": "released"}
+
+
+class Recorder:
+    """The recorder thread of one run (:meth:`run`), on a connection of its own."""
+
+    def __init__(self, engine: Engine, state: RunState) -> None:
+        self.engine = engine
+        self.state = state
+        self.max_attempts = state.options.max_attempts
+        self.conn: Connection | None = None
+        self.database_down = False
+        # prepared once (SQLAlchemy's text() and compile cost ~100 µs a commit)
+        self.sql = {
+            outcome: driver_sql(
+                engine,
+                f"UPDATE deliveries SET {changes} "
+                "WHERE delivery_id = :id AND status = 'sending' AND claimed_by = :token",
+            )
+            for outcome, changes in _RECORDED.items()
+        }
+
+    def run(self) -> None:
+        """Commit results until STOP; a group of results lingers at most RECORD_LINGER."""
+        results, group_ready, group = self.state.results, self.state.group_ready, self.state.group
+        stop = False
+        try:
+            while not stop:
+                batch = [results.get()]
+                if group > 1 and batch[0] is not STOP:
+                    group_ready.wait(RECORD_LINGER)  # never hold a result longer
+                group_ready.clear()
+                while len(batch) < MAX_GROUP and batch[-1] is not STOP:
+                    try:
+                        batch.append(results.get_nowait())
+                    except queue.Empty:
+                        break
+                stop = any(item is STOP for item in batch)
+                items = [item for item in batch if item is not STOP]
+                if items:
+                    self._commit(items)
+        finally:
+            if self.conn is not None:
+                self.conn.close()
+
+    def _commit(self, items: list[Result]) -> None:
+        """Record ``items`` in one transaction, then free their window slots."""
+        changes = {} if self.database_down else self._changes(items)
+        if changes and not self._write(changes, len(items)):
+            changes = {}
+        for item in items:
+            if item.done is not None:
+                item.done.release()
+        state = self.state
+        with state.lock:
+            state.outstanding -= len(items)
+            for outcome, key in _COUNTED.items():
+                state.counts[key] += len(changes.get(outcome, ()))
+
+    def _changes(self, items: list[Result]) -> dict[str, list[dict[str, Any]]]:
+        """The parameters of each statement to run, in this order; none for an empty one."""
+        sent, closed, retry, release = [], [], [], []
+        token, max_attempts = self.state.run_token, self.max_attempts
+        for item in items:
+            job = item.job
+            params = {"id": job.delivery_id, "token": token, "at": item.at, "reply": item.reply}
+            if item.outcome == "sent":
+                sent.append(params)
+            elif item.outcome == "failed":
+                closed.append({**params, "reason": "smtp_rejected"})
+            elif item.outcome == "retry" and job.attempts >= max_attempts:
+                closed.append({**params, "reason": f"gave up after {job.attempts} attempts"})
+            elif item.outcome == "retry":
+                retry.append(params)
+            else:
+                release.append(params)
+        changes = {"sent": sent, "failed": closed, "retry": retry, "release": release}
+        return {outcome: params for outcome, params in changes.items() if params}
+
+    def _write(self, changes: dict[str, list[dict[str, Any]]], count: int) -> bool:
+        """One transaction, retried on a new connection; False (and the run stopped) when the
+        database does not come back: nothing else may be sent before it does."""
+        for attempt in itertools.count():
+            try:
+                if self.conn is None:  # kept for the run: a checkout pings the database
+                    self.conn = self.engine.connect()
+                with self.conn.begin():
+                    for outcome, params in changes.items():
+                        self.conn.exec_driver_sql(self.sql[outcome], params)
+                return True
+            except Exception as error:
+                self._drop_connection()
+                if attempt >= 5:
+                    log.error("cannot record %d delivery results: %s; stopping", count, error)
+                    self.state.fatal.append(error)
+                    self.database_down = True
+                    return False
+                time.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _drop_connection(self) -> None:
+        if self.conn is not None:  # a new connection for the next attempt
+            try:
+                self.conn.invalidate()
+                self.conn.close()
+            except Exception:  # noqa: BLE001 - it is being dropped anyway
+                pass
+            self.conn = None

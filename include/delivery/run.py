@@ -1,0 +1,154 @@
+"""Sending the pending deliveries over SMTP, each ``delivery_id`` at most once (SPEC sections 6, 7).
+
+The protocol of one delivery row::
+
+    pending --claim (one transaction per batch, attempts+1)--> sending --SMTP 250--> sent
+                                                                   \\--5xx--> failed (the reply)
+                                                                   \\--4xx or dropped--> pending
+                                                                        (retried after a backoff;
+                                                                         failed after max_attempts)
+
+One run is a coordinator (this thread, running the producer of :mod:`~include.delivery.claims`),
+one sending thread per connection (:mod:`~include.delivery.sender`) and a recorder thread
+(:mod:`~include.delivery.recorder`, group commit). A crash leaves rows in ``sending``: the next
+run gives them back (:mod:`~include.delivery.recovery`); only the at most ``connections * window``
+messages that the server had accepted are sent again, which is the window SPEC section 7
+allows, and they carry the same ``Message-ID``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+
+from sqlalchemy import Engine
+
+from include.config import TriggersConfig
+from include.delivery.claims import Producer
+from include.delivery.options import DeliveryOptions
+from include.delivery.ratelimit import RateLimiter
+from include.delivery.recorder import Recorder
+from include.delivery.recovery import registered_run, requeue_interrupted
+from include.delivery.render import DEFAULT_UNSUBSCRIBE_URL, UNSUBSCRIBE_URL_ENV, normalize_email
+from include.delivery.render_pool import BatchRenderer, CampaignSpec, default_render_processes
+from include.delivery.sender import Sender
+from include.delivery.smtp import SmtpSession, SmtpSettings
+from include.delivery.state import STOP, RunState
+from include.errors import SmtpUnavailableError
+
+log = logging.getLogger(__name__)
+
+SWITCH_INTERVAL = 0.0001  # GIL hand-over while sending: a thread whose reply arrived waits less
+
+
+def deliver_pending(
+    engine: Engine, config: TriggersConfig, smtp: SmtpSettings, options: DeliveryOptions
+) -> dict[str, int]:
+    """Send every due pending delivery (of ``options.interval``'s events, for a backfill) and
+    record it, with the rate limits of ``config.limits.rate`` (:class:`DeliveryOptions` says how).
+
+    Returns the counts (sent, failed, retried, suppressed_<reason>, render_failed,
+    requeued_interrupted, ...). Raises :class:`SmtpUnavailableError` when no connection to the
+    relay could be made, after giving the unsent rows back.
+    """
+    campaigns = {c.id: CampaignSpec(c.id, c.template, c.sender) for c in config.campaigns}
+    unsubscribe_url = (
+        options.unsubscribe_url or os.environ.get(UNSUBSCRIBE_URL_ENV) or DEFAULT_UNSUBSCRIBE_URL
+    )
+    processes = (
+        default_render_processes() if options.render_processes is None else max(0, options.render_processes)
+    )
+    renderer = BatchRenderer(options.templates_dir, unsubscribe_url, campaigns, processes)
+    envelope_from = normalize_email(smtp.from_email) if smtp.from_email else None
+    with registered_run(options.worker_id) as run_token:
+        state = RunState(options, run_token)
+        _coordinate(
+            engine,
+            config,
+            state,
+            renderer,
+            [SmtpSession(smtp, envelope_from, state.count) for _ in range(options.connections)],
+        )
+    counts = {k: v for k, v in sorted(state.counts.items()) if v}
+    log.info("delivery %s: %s", options.worker_id, counts)
+    if state.fatal:
+        error = state.fatal[0]
+        if isinstance(error, SmtpUnavailableError):
+            raise SmtpUnavailableError(f"{error} (counts so far: {counts})") from None
+        raise error
+    return counts
+
+
+def _coordinate(
+    engine: Engine,
+    config: TriggersConfig,
+    state: RunState,
+    renderer: BatchRenderer,
+    sessions: list[SmtpSession],
+) -> None:
+    """Start the recorder and one sender per session, produce here; on the way out, every claim
+    not handed to a connection is given back and every result recorded."""
+    rate = config.limits.rate
+    limiter = RateLimiter(rate.per_second if rate else None, rate.per_domain_per_second if rate else None)
+    recorder = threading.Thread(target=Recorder(engine, state).run, name="delivery-recorder", daemon=True)
+    senders = [
+        threading.Thread(
+            target=Sender(state, session, limiter, i).run, name=f"delivery-smtp-{i}", daemon=True
+        )
+        for i, session in enumerate(sessions)
+    ]
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(switch_interval, SWITCH_INTERVAL))
+    recorder.start()
+    for sender in senders:
+        sender.start()
+    try:
+        state.count(
+            "requeued_interrupted", requeue_interrupted(engine, lease=state.options.lease, now=state.clock())
+        )
+        Producer(engine, config, state, renderer).run()
+    finally:
+        for _ in senders:
+            state.work.put(STOP)
+        for sender in senders:
+            sender.join()
+        state.release_queued()  # claimed but never handed to a connection
+        state.results.put(STOP)
+        recorder.join()
+        renderer.close()
+        sys.setswitchinterval(switch_interval)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: python -m include.cli deliver
+# ---------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--connections", type=int, default=int(os.environ.get("TRIGGERS_SMTP_CONNECTIONS", "2"))
+    )
+    parser.add_argument("--max-messages", type=int, default=None, help="stop after claiming this many")
+    parser.add_argument("--worker-id", default="cli")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Send the pending deliveries once through `smtp_default` (AIRFLOW_CONN_SMTP_DEFAULT)."""
+    from include.delivery.hook import PipeliningSmtpHook
+    from include.resources import open_resources
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    with open_resources() as res:
+        smtp = PipeliningSmtpHook(res.settings.smtp_conn_id).session_settings()
+        options = DeliveryOptions(
+            templates_dir=res.settings.templates_dir,
+            worker_id=args.worker_id,
+            connections=args.connections,
+            max_messages=args.max_messages,
+        )
+        print(deliver_pending(res.engine, res.config, smtp, options))
+    return 0
+
+
+__all__ = ["DeliveryOptions", "deliver_pending"]

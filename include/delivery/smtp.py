@@ -1,0 +1,264 @@
+"""The SMTP protocol as the sender speaks it: one session per connection, PIPELINING (RFC 2920).
+
+:class:`SmtpSettings` is what a session needs (built by :class:`~include.delivery.hook.PipeliningSmtpHook`
+from the provider's reading of ``smtp_default``); :func:`open_client` connects, greets, starts TLS
+and logs in; :class:`SmtpSession` sends messages on one connection, reopened when it drops.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from include.delivery.render import RenderedEmail
+from include.errors import SmtpUnavailableError
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    """What a sending session needs to reach the relay.
+
+    ``use_ssl``: SMTP over SSL (port 465 by default); ``starttls``: STARTTLS on a plain
+    connection (never inside an SSL one); ``retry_limit``: connection attempts after the first,
+    and reconnections after a drop; ``from_email``: the envelope sender of every message, else
+    the campaign's sender.
+    """
+
+    host: str = "localhost"
+    port: int | None = None
+    login: str = ""
+    password: str = field(default="", repr=False)
+    use_ssl: bool = True
+    starttls: bool = True
+    timeout: float = 30.0
+    retry_limit: int = 5
+    from_email: str | None = None
+    verify_certificates: bool = True
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port or (465 if self.use_ssl else 25)}"
+
+    def ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        if not self.verify_certificates:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+
+def open_client(settings: SmtpSettings) -> smtplib.SMTP:
+    """A connected, greeted and logged-in client. Login errors never show the password."""
+    if settings.use_ssl:
+        client: smtplib.SMTP = smtplib.SMTP_SSL(
+            settings.host, settings.port or 465, timeout=settings.timeout, context=settings.ssl_context()
+        )
+    else:
+        client = smtplib.SMTP(settings.host, settings.port or 25, timeout=settings.timeout)
+    try:
+        client.ehlo()
+        if settings.starttls and not settings.use_ssl:
+            client.starttls(context=settings.ssl_context())
+            client.ehlo()
+        if settings.login and settings.password:
+            client.login(settings.login, settings.password)
+    except smtplib.SMTPNotSupportedError:
+        client.close()
+        raise SmtpUnavailableError(
+            f"SMTP relay {settings.address} does not offer STARTTLS; set extra disable_tls: true only if it "
+            "is on a trusted network, or use disable_ssl: false with its SSL port"
+        ) from None
+    except smtplib.SMTPAuthenticationError as error:
+        client.close()
+        raise SmtpUnavailableError(
+            f"SMTP relay {settings.address} refused the login of {settings.login!r} ({error.smtp_code}); "
+            "check the smtp_default connection's login and password"
+        ) from None
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def reply_text(code: int, message: bytes | str) -> str:
+    """A reply as recorded: its code and text on one line, at most 500 characters."""
+    text_ = message.decode("utf-8", "replace") if isinstance(message, bytes) else str(message)
+    return f"{code} {' '.join(text_.split())}"[:500]
+
+
+def _dot_stuffed(data: bytes) -> bytes:
+    """The DATA body as it goes on the wire: a second dot before each line that starts with one,
+    then the end mark (RFC 5321 4.5.2); the same bytes as smtplib's ``data`` without its regex."""
+    body = data.replace(b"\n.", b"\n..")
+    if body.startswith(b"."):
+        body = b"." + body
+    return body + (b".\r\n" if body.endswith(b"\r\n") else b"\r\n.\r\n")
+
+
+_ACCEPTED = ((250,), (250, 251), (354,))  # what MAIL, RCPT and DATA answer when all is well
+
+
+class Reply(NamedTuple):
+    """How one message's transaction ended."""
+
+    code: int  # the reply to its body, or the first refusal
+    message: bytes
+    body_sent: bool
+    following_sent: bool  # the next message's MAIL, RCPT and DATA went behind the body
+
+
+def _transaction(
+    client: smtplib.SMTP,
+    commands: tuple[bytes, bytes, bytes],
+    data: bytes,
+    *,
+    opened: bool = False,
+    following: bytes = b"",
+) -> Reply:
+    """One message.
+
+    When the server offers PIPELINING (RFC 2920), MAIL, RCPT and DATA go in one write and their
+    three replies are read together; the body goes only once all three were accepted, with the
+    next message's MAIL, RCPT and DATA (``following``) in the same write: one round trip per
+    message. ``opened``: this message's commands already went that way. Without PIPELINING
+    each command waits for its reply.
+    """
+    pipelining = client.has_extn("pipelining")
+    if pipelining and not opened:
+        client.send(b"".join(commands))
+    replies = []
+    for command, accepted in zip(commands, _ACCEPTED, strict=True):
+        if not pipelining:
+            client.send(command)
+        code, message = client.getreply()
+        replies.append((code, message))
+        if code == 421 or (code not in accepted and not pipelining):  # 421: closing, no further reply
+            return Reply(code, message, False, False)
+    if all(reply[0] in accepted for reply, accepted in zip(replies, _ACCEPTED, strict=True)):
+        chained = pipelining and bool(following)
+        client.send(_dot_stuffed(data) + following if chained else _dot_stuffed(data))
+        code, message = client.getreply()
+        return Reply(code, message, True, chained and code != 421)
+    if replies[2][0] == 354:
+        client.send(b".\r\n")  # RFC 2920 3.1: DATA accepted though no recipient was: end it empty
+        client.getreply()
+    for (code, message), accepted in zip(replies, _ACCEPTED, strict=True):
+        if code not in accepted and code >= 400:
+            return Reply(code, message, False, False)
+    client.close()  # DATA answered neither 354 nor an error: the server is out of step with us
+    raise smtplib.SMTPServerDisconnected(f"DATA answered {replies[2][0]}")
+
+
+class Sent(NamedTuple):
+    """What became of a message: ``outcome`` is sent, failed (5xx) or retry (4xx, dropped)."""
+
+    outcome: str
+    reply: str
+    following_sent: bool
+
+
+class SmtpSession:
+    """One connection to the relay, opened on first use and reopened when it drops.
+
+    ``envelope_from`` (the connection's ``from_email``) replaces each message's own envelope
+    sender; ``count`` receives ``reconnects`` and ``connection_drops``.
+    """
+
+    def __init__(
+        self, settings: SmtpSettings, envelope_from: str | None, count: Callable[[str], None]
+    ) -> None:
+        self.settings = settings
+        self.envelope_from = envelope_from
+        self.count = count
+        self.client: smtplib.SMTP | None = None
+
+    def commands(self, message: RenderedEmail) -> tuple[bytes, bytes, bytes]:
+        """MAIL, RCPT, DATA; both addresses passed normalize_email: ASCII local@domain, nothing to quote."""
+        envelope_from = self.envelope_from or message.envelope_from
+        return (
+            f"MAIL FROM:<{envelope_from}>\r\n".encode("ascii"),
+            f"RCPT TO:<{message.envelope_to}>\r\n".encode("ascii"),
+            b"DATA\r\n",
+        )
+
+    def send(self, message: RenderedEmail, *, opened: bool, following: RenderedEmail | None) -> Sent:
+        """Send ``message``; ``following``'s commands go behind its body when they can.
+        ``opened``: ``message``'s commands went behind the previous body. A dropped connection is
+        retried on a new one, up to ``retry_limit`` times; :class:`SmtpUnavailableError` when no
+        new one can be made."""
+        commands = self.commands(message)
+        chained = b"".join(self.commands(following)) if following is not None else b""
+        drops = 0
+        while True:
+            if self.client is None:
+                self.client = self._connect()
+                opened = False
+            try:
+                return self._send_once(self.client, commands, message.data, opened, chained)
+            except (smtplib.SMTPServerDisconnected, OSError) as error:
+                self._drop()
+                drops += 1
+                self.count("connection_drops")
+                if drops > self.settings.retry_limit:
+                    return Sent("retry", f"connection lost: {type(error).__name__}", False)
+                time.sleep(min(0.1 * 2 ** (drops - 1), 5.0))
+
+    def _send_once(
+        self,
+        client: smtplib.SMTP,
+        commands: tuple[bytes, bytes, bytes],
+        data: bytes,
+        opened: bool,
+        chained: bytes,
+    ) -> Sent:
+        code, message, body_sent, following_sent = _transaction(
+            client, commands, data, opened=opened, following=chained
+        )
+        reply = reply_text(code, message)
+        if code == 250 and body_sent:
+            return Sent("sent", reply, following_sent)
+        if code == 421:  # the server is closing this connection
+            self._drop()
+            return Sent("retry", reply, False)
+        if not body_sent:  # refused before the body: end the transaction (after it, it has ended)
+            try:
+                client.rset()
+            except smtplib.SMTPServerDisconnected:
+                self._drop()
+        return Sent("retry" if 400 <= code < 500 else "failed", reply, following_sent)
+
+    def _connect(self) -> smtplib.SMTP:
+        delay = 0.2
+        for attempt in range(self.settings.retry_limit + 1):
+            try:
+                return open_client(self.settings)
+            except SmtpUnavailableError:
+                raise
+            except (OSError, smtplib.SMTPException) as error:
+                if attempt == self.settings.retry_limit:
+                    raise SmtpUnavailableError(
+                        f"cannot reach the SMTP relay {self.settings.address} after {attempt + 1} attempts: "
+                        f"{type(error).__name__}: {error}"[:300]
+                    ) from None
+                self.count("reconnects")
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        raise AssertionError("unreachable")
+
+    def _drop(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    def close(self) -> None:
+        """QUIT, or just close when the connection is already broken."""
+        if self.client is not None:
+            try:
+                self.client.quit()
+            except (smtplib.SMTPException, OSError):
+                self.client.close()
+            self.client = None
