@@ -20,7 +20,6 @@ data interval. Settings: `TRIGGERS_SCHEDULE` (cron, default every minute), `TRIG
 from __future__ import annotations
 
 import os
-import time
 from datetime import timedelta
 from typing import Any
 
@@ -31,20 +30,10 @@ SCHEDULE = os.environ.get("TRIGGERS_SCHEDULE", "* * * * *")
 DELIVERY_CONNECTIONS = int(os.environ.get("TRIGGERS_SMTP_CONNECTIONS", "2"))
 
 
-def _run_window() -> tuple[float, tuple[float, float] | None, str]:
-    """(the run's "now", the data interval for a backfill run else None, the run id).
+def _window():
+    from include.resources import RunWindow
 
-    "Now" is the end of the run's data interval, so that rerunning a run reproduces it; for a
-    backfill run it is the real now: the interval's last events wait for ``unless`` windows
-    that close after its end, and no later backfill run would take them.
-    """
-    context = get_current_context()
-    dag_run = context["dag_run"]
-    end = context.get("data_interval_end") or dag_run.run_after
-    start = context.get("data_interval_start") or end
-    backfill = str(dag_run.run_type).lower().endswith("backfill")
-    now = time.time() if backfill else end.timestamp()
-    return now, ((start.timestamp(), end.timestamp()) if backfill else None), dag_run.run_id
+    return RunWindow.from_context(get_current_context())
 
 
 @dag(
@@ -68,67 +57,55 @@ def triggers_pipeline() -> None:
         """Obtain (or reuse) the IMS token; only its expiry goes to XCom, never the token."""
         from include.adobe.hook import AdobePipelineHook
 
-        if _run_window()[1] is not None:
+        if _window().backfill:
             return {"skipped": "backfill runs do not drain"}
         with AdobePipelineHook() as hook:
-            return hook.get_conn().token_info()
+            return hook.get_conn().authenticator.token_info()
 
     @task
     def drain(_token: dict[str, Any]) -> dict[str, Any]:
         """Stage every journal event after the stored position."""
         from include.adobe.hook import AdobePipelineHook
-        from include.config import Settings, load_config
-        from include.database.engine import make_engine
+        from include.resources import open_resources
         from include.staging.drain import drain as drain_journal
 
-        if _run_window()[1] is not None:
+        if _window().backfill:
             return {"received": 0, "skipped": "backfill"}
-        settings = Settings.from_env()
-        config = load_config(settings.config_path, settings.templates_dir)
-        with AdobePipelineHook() as hook:
-            report = drain_journal(make_engine(settings.db_url), config, hook.get_conn())
-        return report.as_dict()
+        with open_resources() as res, AdobePipelineHook.for_config(res.config) as hook:
+            return drain_journal(res.engine, res.config, hook.get_conn()).as_dict()
 
     @task
     def match(_drained: dict[str, Any]) -> dict[str, int]:
         """Decide who gets which email for every ready event (or the backfill interval's)."""
-        from include.config import Settings, load_config
-        from include.database.engine import make_engine
         from include.matching.run import match_ready_events
+        from include.resources import open_resources
 
-        now, interval, _ = _run_window()
-        settings = Settings.from_env()
-        config = load_config(settings.config_path, settings.templates_dir)
-        return match_ready_events(make_engine(settings.db_url), config, now=now, interval=interval)
+        window = _window()
+        with open_resources() as res:
+            return match_ready_events(res.engine, res.config, now=window.now, interval=window.interval)
 
     @task
     def deliver(_matched: dict[str, int]) -> dict[str, int]:
         """Send the pending emails, each delivery_id at most once."""
-        from airflow.sdk import BaseHook
+        from include.delivery.hook import PipeliningSmtpHook
+        from include.delivery.run import DeliveryOptions, deliver_pending
+        from include.resources import open_resources
 
-        from include.config import Settings, load_config
-        from include.database.engine import make_engine
-        from include.delivery.sender import SmtpSettings, deliver_pending
-
-        _, interval, run_id = _run_window()
-        settings = Settings.from_env()
-        config = load_config(settings.config_path, settings.templates_dir)
-        smtp = SmtpSettings.from_connection(BaseHook.get_connection(settings.smtp_conn_id))
-        return deliver_pending(
-            make_engine(settings.db_url), config, smtp, templates_dir=settings.templates_dir,
-            worker_id=run_id, connections=DELIVERY_CONNECTIONS, interval=interval,
-        )
+        window = _window()
+        with open_resources() as res:
+            smtp = PipeliningSmtpHook(res.settings.smtp_conn_id).session_settings()
+            options = DeliveryOptions(templates_dir=res.settings.templates_dir, worker_id=window.run_id,
+                                      connections=DELIVERY_CONNECTIONS, interval=window.interval)
+            return deliver_pending(res.engine, res.config, smtp, options)
 
     @task
     def report(drained: dict[str, Any], matched: dict[str, int], delivered: dict[str, int]) -> dict[str, Any]:
         """Record the run's counts and lag; they show in this task's XCom and the status view."""
-        from include.config import Settings
-        from include.database.engine import make_engine
         from include.operations.report import record_run
+        from include.resources import open_resources
 
-        now, _, run_id = _run_window()
-        settings = Settings.from_env()
-        return record_run(make_engine(settings.db_url), run_id, drained, matched, delivered)
+        with open_resources() as res:
+            return record_run(res.engine, _window().run_id, drained, matched, delivered)
 
     drained = drain(authenticate())
     matched = match(drained)

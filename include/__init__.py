@@ -4,13 +4,14 @@ One package per stage of an event's path; a package imports only the ones before
 
     errors, config, runtime      foundation: named errors, the YAML configuration, process helpers
     database                     tables, migrations, the one copy of each SQL helper
+    resources                    what a task or command starts from: settings, config, engine
     adobe                        IMS authentication, the journal client, AdobePipelineHook
     staging                      page parsing, the staging write, the drain loop, export import
     audience                     the recipients table, loaded from CSV
     matching                     pure pandas rules, reads, the decision writer, the run
     delivery                     rendering, SMTP with pipelining, rate limits, sending, recovery
     operations                   run report, status, purge, the db command
-    resources, cli               what tasks and commands start from; the command table
+    cli                          the command table
 
 ``include/sandbox`` (simulator, local SMTP server, key maker, demo) is tooling for trying the
 project; nothing above imports it.

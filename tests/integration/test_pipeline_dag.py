@@ -13,12 +13,16 @@ import pytest
 from sqlalchemy import func, select
 
 from include.audience.load import load_recipients
+from include.config import load_config
 from include.database.engine import make_engine
 from include.database.schema import deliveries, events_table, pipeline_runs
 from include.sandbox.demo import AIRFLOW, airflow_environment
 from include.sandbox.keys import create_key_pair
-from include.sandbox.simulator import Simulator, SimulatorOptions, write_audience_csv
+from include.sandbox.simulator.options import SimulatorOptions
+from include.sandbox.simulator.population import write_audience_csv
+from include.sandbox.simulator.server import Simulator
 from include.sandbox.smtp_server import LocalSmtpServer
+from tests.conftest import upgrade_schema
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +49,7 @@ def test_the_dag_drains_matches_and_sends_once(workdir, db_url, tmp_path):
                                malformed_share=0.01, duplicate_share=0.01,
                                start_time=time.time() - 3 * 3600, time_span=7200.0, seed=11)
     engine = make_engine(db_url)
+    upgrade_schema(engine, load_config().dimensions)  # what `db upgrade` does before the first run
     with Simulator(options) as simulator, LocalSmtpServer() as smtp:
         write_audience_csv(tmp_path / "audience.csv", 400)
         load_recipients(engine, tmp_path / "audience.csv")

@@ -13,13 +13,13 @@ INCLUDE = Path(__file__).resolve().parents[2] / "include"
 LAYERS = (
     ("errors", "config", "runtime"),
     ("database",),
+    ("resources",),  # what a task or command starts from: settings, config, a checked engine
     ("adobe",),
     ("staging",),
     ("audience",),
     ("matching",),
     ("delivery",),
     ("operations",),
-    ("resources",),
     ("cli",),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
