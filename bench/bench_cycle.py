@@ -59,9 +59,15 @@ def serve_simulator(events: int, people: int, start_time: float, span: float, pu
     from include.sandbox.simulator.options import SimulatorOptions
     from include.sandbox.simulator.server import Simulator
 
-    options = SimulatorOptions(public_key_pem=Path(public_key).read_bytes(), events=events, people=people,
-                               start_time=start_time, time_span=span, malformed_share=0.001,
-                               duplicate_share=0.001)
+    options = SimulatorOptions(
+        public_key_pem=Path(public_key).read_bytes(),
+        events=events,
+        people=people,
+        start_time=start_time,
+        time_span=span,
+        malformed_share=0.001,
+        duplicate_share=0.001,
+    )
     simulator = Simulator(options)
     print(simulator.start(0), flush=True)
     try:
@@ -70,12 +76,26 @@ def serve_simulator(events: int, people: int, start_time: float, span: float, pu
         simulator.stop()
 
 
-def start_simulator(events: int, people: int, start_time: float, span: float,
-                    public_key: Path) -> tuple[subprocess.Popen[str], str]:
+def start_simulator(
+    events: int, people: int, start_time: float, span: float, public_key: Path
+) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "bench.bench_cycle", "--simulator", str(events), str(people), repr(start_time),
-         repr(span), str(public_key)],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "bench.bench_cycle",
+            "--simulator",
+            str(events),
+            str(people),
+            repr(start_time),
+            repr(span),
+            str(public_key),
+        ],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert process.stdout is not None
     url = process.stdout.readline().strip()
     if not url.startswith("http"):
@@ -88,8 +108,12 @@ def start_smtp() -> tuple[subprocess.Popen[bytes], int]:
     from include.sandbox.net import free_port
 
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "include.cli", "smtp", "serve", "--port", str(port)],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "include.cli", "smtp", "serve", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(300):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -162,7 +186,11 @@ class Databases:
         admin = self._pg_admin()
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-            conn.execute(text(f'CREATE DATABASE "{database}"' + (f' TEMPLATE "{PG_PREFIX}template"' if template else "")))
+            conn.execute(
+                text(
+                    f'CREATE DATABASE "{database}"' + (f' TEMPLATE "{PG_PREFIX}template"' if template else "")
+                )
+            )
         admin.dispose()
         self.created.append(database)
         return self._pg_url(database)
@@ -187,10 +215,12 @@ def bench_config(fetch_size: int = 1000):
     from include.config import load_config
 
     config = load_config()
-    return config.model_copy(update={
-        "pipeline": config.pipeline.model_copy(update={"fetch_size": fetch_size}),
-        "limits": config.limits.model_copy(update={"rate": None}),
-    })
+    return config.model_copy(
+        update={
+            "pipeline": config.pipeline.model_copy(update={"fetch_size": fetch_size}),
+            "limits": config.limits.model_copy(update={"rate": None}),
+        }
+    )
 
 
 def journal_client(url: str, private_key: Path, config):
@@ -200,15 +230,33 @@ def journal_client(url: str, private_key: Path, config):
     from include.sandbox.simulator.options import SimulatorOptions
 
     options = SimulatorOptions()
-    authenticator = ImsAuthenticator(PipelineCredentials(
-        pipeline_url=url, ims_url=url, client_id=options.client_id, client_secret=options.client_secret,
-        org_id=options.org_id, technical_account_id=options.technical_account_id,
-        private_key=private_key.read_bytes()))
-    return JournalClient(authenticator, config.pipeline.consumer, retry_validity=config.pipeline.retry_validity)
+    authenticator = ImsAuthenticator(
+        PipelineCredentials(
+            pipeline_url=url,
+            ims_url=url,
+            client_id=options.client_id,
+            client_secret=options.client_secret,
+            org_id=options.org_id,
+            technical_account_id=options.technical_account_id,
+            private_key=private_key.read_bytes(),
+        )
+    )
+    return JournalClient(
+        authenticator, config.pipeline.consumer, retry_validity=config.pipeline.retry_validity
+    )
 
 
-def measure_cycle(databases: Databases, schedule: int, events: int, people: int, private_key: Path,
-                  public_key: Path, fetch_sizes: list[int], connections: list[int], deliver_sample: int) -> dict:
+def measure_cycle(
+    databases: Databases,
+    schedule: int,
+    events: int,
+    people: int,
+    private_key: Path,
+    public_key: Path,
+    fetch_sizes: list[int],
+    connections: list[int],
+    deliver_sample: int,
+) -> dict:
     """Drain the backlog of one run with each fetch size, then match and deliver each copy."""
     from include.database.engine import make_engine
     from include.delivery.run import DeliveryOptions, deliver_pending
@@ -221,7 +269,9 @@ def measure_cycle(databases: Databases, schedule: int, events: int, people: int,
     simulator, url = start_simulator(events, people, time.time() - AGE - span, span, public_key)
     smtp_process, smtp_port = start_smtp()
     # what PipeliningSmtpHook reads from smtp_default, without Airflow in the measured process
-    smtp = SmtpSettings(host="127.0.0.1", port=smtp_port, use_ssl=False, starttls=False, from_email="shop@example.com")
+    smtp = SmtpSettings(
+        host="127.0.0.1", port=smtp_port, use_ssl=False, starttls=False, from_email="shop@example.com"
+    )
     result: dict = {"schedule": schedule, "events": events, "drain": [], "match": [], "deliver": []}
     try:
         urls = [databases.fresh(f"m{schedule}_{i}") for i in range(copies)]
@@ -232,11 +282,20 @@ def measure_cycle(databases: Databases, schedule: int, events: int, people: int,
             report = drain(engine, config, journal_client(url, private_key, config))
             engine.dispose()
             if i < len(fetch_sizes):
-                result["drain"].append({"fetch_size": fetch_size, "seconds": report.seconds,
-                                        "received": report.received, "staged": report.staged,
-                                        "pages": report.pages})
-                print(f"    drain  fetch_size {fetch_size:>5}: {report.received:>8,} events in {report.seconds:6.1f} s "
-                      f"({report.pages} pages)", flush=True)
+                result["drain"].append(
+                    {
+                        "fetch_size": fetch_size,
+                        "seconds": report.seconds,
+                        "received": report.received,
+                        "staged": report.staged,
+                        "pages": report.pages,
+                    }
+                )
+                print(
+                    f"    drain  fetch_size {fetch_size:>5}: {report.received:>8,} events in {report.seconds:6.1f} s "
+                    f"({report.pages} pages)",
+                    flush=True,
+                )
         config = bench_config()
         for i, db_url in enumerate(urls):
             engine = make_engine(db_url)
@@ -245,33 +304,57 @@ def measure_cycle(databases: Databases, schedule: int, events: int, people: int,
             seconds = time.perf_counter() - started
             engine.dispose()
             result["match"].append({"seconds": round(seconds, 3), "counts": counts})
-            print(f"    match  copy {i}: {counts['ready']:>8,} ready, {counts['pending']:>7,} to send in "
-                  f"{seconds:6.1f} s", flush=True)
-        for i, db_url in enumerate(urls[:len(connections)]):
+            print(
+                f"    match  copy {i}: {counts['ready']:>8,} ready, {counts['pending']:>7,} to send in "
+                f"{seconds:6.1f} s",
+                flush=True,
+            )
+        for i, db_url in enumerate(urls[: len(connections)]):
             pending = result["match"][i]["counts"]["pending"]
             engine = make_engine(db_url)
             started = time.perf_counter()
-            counts = deliver_pending(engine, config, smtp, DeliveryOptions(
-                templates_dir=TEMPLATES, worker_id=f"bench-{i}", connections=connections[i],
-                max_messages=deliver_sample or None))
+            counts = deliver_pending(
+                engine,
+                config,
+                smtp,
+                DeliveryOptions(
+                    templates_dir=TEMPLATES,
+                    worker_id=f"bench-{i}",
+                    connections=connections[i],
+                    max_messages=deliver_sample or None,
+                ),
+            )
             seconds = time.perf_counter() - started
             engine.dispose()
             sent = counts.get("sent", 0)
             # a sample of a large backlog: the whole of it would take pending/sent times as long
             whole = seconds * pending / sent if sent and sent < pending else seconds
-            result["deliver"].append({"connections": connections[i], "seconds": round(whole, 3),
-                                      "measured_seconds": round(seconds, 3), "sent": sent, "pending": pending,
-                                      "extrapolated": sent < pending, "counts": counts})
+            result["deliver"].append(
+                {
+                    "connections": connections[i],
+                    "seconds": round(whole, 3),
+                    "measured_seconds": round(seconds, 3),
+                    "sent": sent,
+                    "pending": pending,
+                    "extrapolated": sent < pending,
+                    "counts": counts,
+                }
+            )
             sample = f" (a sample; all {pending:,}: ~{whole:.0f} s)" if sent < pending else ""
-            print(f"    deliver {connections[i]} connection(s): {sent:>7,} sent in {seconds:6.1f} s "
-                  f"({sent / max(seconds, 1e-9):,.0f}/s){sample}", flush=True)
+            print(
+                f"    deliver {connections[i]} connection(s): {sent:>7,} sent in {seconds:6.1f} s "
+                f"({sent / max(seconds, 1e-9):,.0f}/s){sample}",
+                flush=True,
+            )
     finally:
         stop(smtp_process)
         stop(simulator)
     return result
 
 
-def measure_overhead(databases: Databases, workdir: Path, private_key: Path, public_key: Path, runs: int) -> dict:
+def measure_overhead(
+    databases: Databases, workdir: Path, private_key: Path, public_key: Path, runs: int
+) -> dict:
     """Wall time of `airflow dags test triggers_pipeline` with an empty journal: warm-up + ``runs``."""
     from include.sandbox.demo import AIRFLOW, airflow_environment
     from include.sandbox.simulator.options import SimulatorOptions
@@ -290,22 +373,33 @@ def measure_overhead(databases: Databases, workdir: Path, private_key: Path, pub
         times, task_spans = [], []
         for index in range(runs + 1):
             started = time.perf_counter()
-            run = subprocess.run([AIRFLOW, "dags", "test", "triggers_pipeline"], env=environment,
-                                 capture_output=True, text=True)
+            run = subprocess.run(
+                [AIRFLOW, "dags", "test", "triggers_pipeline"],
+                env=environment,
+                capture_output=True,
+                text=True,
+            )
             seconds = time.perf_counter() - started
             if run.returncode:
                 raise SystemExit(f"the DAG run failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
             span = tasks_span(run.stdout + run.stderr)
-            print(f"    {'warm-up' if index == 0 else f'run {index}'}: {seconds:.1f} s, of which the five tasks "
-                  f"{span:.1f} s ({_load()})", flush=True)
+            print(
+                f"    {'warm-up' if index == 0 else f'run {index}'}: {seconds:.1f} s, of which the five tasks "
+                f"{span:.1f} s ({_load()})",
+                flush=True,
+            )
             if index:
                 times.append(seconds)
                 task_spans.append(span)
     finally:
         stop(smtp_process)
         stop(simulator)
-    return {"runs": [round(t, 2) for t in times], "median": round(statistics.median(times), 2),
-            "tasks_median": round(statistics.median(task_spans), 2), "migrate": round(migrate, 1)}
+    return {
+        "runs": [round(t, 2) for t in times],
+        "median": round(statistics.median(times), 2),
+        "tasks_median": round(statistics.median(task_spans), 2),
+        "migrate": round(migrate, 1),
+    }
 
 
 def tasks_span(log: str) -> float:
@@ -336,8 +430,10 @@ def _minutes(seconds: float) -> str:
 def summary_table(overhead: float, cycles: list[dict], scale: int) -> str:
     """The Markdown table of schedule -> events, run duration, latency and load."""
     lines = [
-        "| schedule | events per run | drain s (fetch " + " / ".join(str(d["fetch_size"]) for d in cycles[0]["drain"])
-        + ") | match s | deliver s (" + " / ".join(f"{d['connections']} conn." for d in cycles[0]["deliver"])
+        "| schedule | events per run | drain s (fetch "
+        + " / ".join(str(d["fetch_size"]) for d in cycles[0]["drain"])
+        + ") | match s | deliver s ("
+        + " / ".join(f"{d['connections']} conn." for d in cycles[0]["deliver"])
         + ") | emails | run duration | mean latency | worst latency | busy |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -352,7 +448,9 @@ def summary_table(overhead: float, cycles: list[dict], scale: int) -> str:
         worst = overhead + drain_worst + match_median + deliver_worst
         run = f"{best:.0f} s" if abs(worst - best) < 1 else f"{best:.0f}–{worst:.0f} s"
         mean_latency, worst_latency = _minutes(interval / 2 + best), _minutes(interval + worst)
-        if best > interval:  # each run takes longer than it has: the backlog, and the wait, grow without bound
+        if (
+            best > interval
+        ):  # each run takes longer than it has: the backlog, and the wait, grow without bound
             mean_latency = worst_latency = "grows"
         elif worst > interval:
             worst_latency = "grows"
@@ -360,9 +458,11 @@ def summary_table(overhead: float, cycles: list[dict], scale: int) -> str:
         busy = busy[0] if busy[0] == busy[1] else "–".join(busy)
         lines.append(
             f"| every {cycle['schedule']} min | {cycle['events']:,} | "
-            + " / ".join(f"{d['seconds']:.1f}" for d in cycle["drain"]) + f" | {match_median:.1f} | "
+            + " / ".join(f"{d['seconds']:.1f}" for d in cycle["drain"])
+            + f" | {match_median:.1f} | "
             + " / ".join(f"{'~' if d['extrapolated'] else ''}{d['seconds']:.1f}" for d in cycle["deliver"])
-            + f" | {cycle['deliver'][0]['pending']:,} | {run} | {mean_latency} | {worst_latency} | {busy} |")
+            + f" | {cycle['deliver'][0]['pending']:,} | {run} | {mean_latency} | {worst_latency} | {busy} |"
+        )
     if any(d["extrapolated"] for cycle in cycles for d in cycle["deliver"]):
         lines.append("\n~ : the delivery of a sample (--deliver-sample), scaled to every email of the run")
     if scale != 1:
@@ -374,16 +474,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=int, default=1, help="divide every backlog by this (a quick run)")
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="sqlite")
-    parser.add_argument("--schedules", default="1,5,15", help="schedule intervals in minutes, comma-separated")
+    parser.add_argument(
+        "--schedules", default="1,5,15", help="schedule intervals in minutes, comma-separated"
+    )
     parser.add_argument("--hourly", type=int, default=1_000_000, help="triggers an hour")
-    parser.add_argument("--people", type=int, default=200_000, help="shoppers in the simulator and the audience")
+    parser.add_argument(
+        "--people", type=int, default=200_000, help="shoppers in the simulator and the audience"
+    )
     parser.add_argument("--fetch-sizes", default="1000,5000", help="pipeline.fetch_size values for the drain")
     parser.add_argument("--connections", default="1,4", help="delivery SMTP connections")
-    parser.add_argument("--deliver-sample", type=int, default=10_000,
-                        help="send at most this many per delivery and extrapolate to the whole backlog (0: all)")
+    parser.add_argument(
+        "--deliver-sample",
+        type=int,
+        default=10_000,
+        help="send at most this many per delivery and extrapolate to the whole backlog (0: all)",
+    )
     parser.add_argument("--airflow-runs", type=int, default=3, help="timed empty DAG runs after one warm-up")
     parser.add_argument("--no-airflow", action="store_true", help="skip the empty-run overhead")
-    parser.add_argument("--overhead", type=float, default=None, help="use this overhead (s) instead of measuring it")
+    parser.add_argument(
+        "--overhead", type=float, default=None, help="use this overhead (s) instead of measuring it"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
     parser.add_argument("--simulator", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -400,9 +510,16 @@ def main() -> None:
     fetch_sizes, connections = _csv_ints(args.fetch_sizes), _csv_ints(args.connections)
     kinds = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
     began = time.perf_counter()
-    print(f"cycle bench: {args.hourly:,} triggers/hour, schedules {schedules} min, scale 1/{args.scale}, "
-          f"{args.people:,} people; limits.rate removed; {_load()}", flush=True)
-    figures: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_before": os.getloadavg(), "kinds": {}}
+    print(
+        f"cycle bench: {args.hourly:,} triggers/hour, schedules {schedules} min, scale 1/{args.scale}, "
+        f"{args.people:,} people; limits.rate removed; {_load()}",
+        flush=True,
+    )
+    figures: dict = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "load_before": os.getloadavg(),
+        "kinds": {},
+    }
     with tempfile.TemporaryDirectory(prefix="bench-cycle-") as tmp:
         workdir = Path(tmp)
         private_key, public_key = create_key_pair(workdir / "keys")
@@ -412,24 +529,45 @@ def main() -> None:
             databases = Databases(kind, workdir)
             try:
                 loaded, seconds = databases.prepare(audience_csv, bench_config())
-                print(f"  audience: {loaded['loaded']:,} recipients loaded in {seconds:.1f} s (once, copied to each database)",
-                      flush=True)
+                print(
+                    f"  audience: {loaded['loaded']:,} recipients loaded in {seconds:.1f} s (once, copied to each database)",
+                    flush=True,
+                )
                 overhead: dict = {"median": args.overhead or 0.0, "runs": []}
                 if not args.no_airflow and args.overhead is None:
-                    print("  per-run overhead: airflow dags test triggers_pipeline, empty journal", flush=True)
-                    overhead = measure_overhead(databases, workdir / f"airflow-{kind}", private_key, public_key,
-                                                args.airflow_runs)
-                    print(f"  overhead median {overhead['median']:.1f} s (the five tasks: {overhead['tasks_median']:.1f} s)",
-                          flush=True)
+                    print(
+                        "  per-run overhead: airflow dags test triggers_pipeline, empty journal", flush=True
+                    )
+                    overhead = measure_overhead(
+                        databases, workdir / f"airflow-{kind}", private_key, public_key, args.airflow_runs
+                    )
+                    print(
+                        f"  overhead median {overhead['median']:.1f} s (the five tasks: {overhead['tasks_median']:.1f} s)",
+                        flush=True,
+                    )
                 cycles = []
                 for schedule in schedules:
                     events = args.hourly * schedule // 60 // args.scale
                     print(f"  cycle for every {schedule} min: {events:,} events ({_load()})", flush=True)
-                    cycles.append(measure_cycle(databases, schedule, events, args.people, private_key, public_key,
-                                                fetch_sizes, connections, args.deliver_sample))
+                    cycles.append(
+                        measure_cycle(
+                            databases,
+                            schedule,
+                            events,
+                            args.people,
+                            private_key,
+                            public_key,
+                            fetch_sizes,
+                            connections,
+                            args.deliver_sample,
+                        )
+                    )
                 figures["kinds"][kind] = {"overhead": overhead, "cycles": cycles}
                 measured = f"median of {len(overhead['runs'])}" if overhead["runs"] else "given, not measured"
-                print(f"\n{kind}: per-run overhead {overhead['median']:.1f} s ({measured}); {_load()}\n", flush=True)
+                print(
+                    f"\n{kind}: per-run overhead {overhead['median']:.1f} s ({measured}); {_load()}\n",
+                    flush=True,
+                )
                 print(summary_table(overhead["median"], cycles, args.scale), flush=True)
             finally:
                 databases.drop_all()

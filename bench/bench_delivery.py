@@ -55,7 +55,7 @@ class _SinkProtocol(asyncio.Protocol):
                 end = self.buffer.find(b"\r\n.\r\n")
                 if end < 0:
                     break
-                self.buffer = self.buffer[end + 5:]
+                self.buffer = self.buffer[end + 5 :]
                 self.in_data = False
                 _SinkProtocol.received += 1
                 out.append(b"250 2.0.0 OK\r\n")
@@ -63,7 +63,7 @@ class _SinkProtocol(asyncio.Protocol):
             end = self.buffer.find(b"\r\n")
             if end < 0:
                 break
-            line, self.buffer = self.buffer[:end], self.buffer[end + 2:]
+            line, self.buffer = self.buffer[:end], self.buffer[end + 2 :]
             verb = line[:4].upper()
             if verb == b"EHLO":
                 out.append(self.ehlo)
@@ -100,8 +100,17 @@ def start_sink(pipelining: bool = True) -> tuple[subprocess.Popen[str], int]:
 
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "bench.bench_delivery", "--sink", str(port), *([] if pipelining else ["--no-pipelining"])],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "bench.bench_delivery",
+            "--sink",
+            str(port),
+            *([] if pipelining else ["--no-pipelining"]),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert process.stdout is not None and process.stdout.readline().strip() == "ready"
     return process, port
@@ -123,28 +132,123 @@ def fill_database(engine, config, count: int) -> None:
     now = time.time()
     events = []
     for i in range(100):
-        payload = {"triggerId": "3e8a2ba7-fccc-49bb-bdac-33ee33cf02bf", "timeGMT": 1767225201, "mcId": f"mc{i}",
-                   "enrichments": {"analyticsHitSummary": {"dimensions": {
-                       "eVar01": {"type": "string", "data": [f"SHOP-{i}"], "name": "eVar01", "source": "session summary"},
-                       "products": {"type": "string", "data": ["SKU-1042", f"SKU-{i}"], "name": "products", "source": "session summary"},
-                       "pageName": {"type": "string", "data": ["checkout:cart"], "name": "pageName", "source": "session summary"}}}}}
-        events.append((f"e{i}", str(i), "bench", payload["triggerId"], 1767225201.0, now, "matched", json.dumps(payload)))
+        payload = {
+            "triggerId": "3e8a2ba7-fccc-49bb-bdac-33ee33cf02bf",
+            "timeGMT": 1767225201,
+            "mcId": f"mc{i}",
+            "enrichments": {
+                "analyticsHitSummary": {
+                    "dimensions": {
+                        "eVar01": {
+                            "type": "string",
+                            "data": [f"SHOP-{i}"],
+                            "name": "eVar01",
+                            "source": "session summary",
+                        },
+                        "products": {
+                            "type": "string",
+                            "data": ["SKU-1042", f"SKU-{i}"],
+                            "name": "products",
+                            "source": "session summary",
+                        },
+                        "pageName": {
+                            "type": "string",
+                            "data": ["checkout:cart"],
+                            "name": "pageName",
+                            "source": "session summary",
+                        },
+                    }
+                }
+            },
+        }
+        events.append(
+            (
+                f"e{i}",
+                str(i),
+                "bench",
+                payload["triggerId"],
+                1767225201.0,
+                now,
+                "matched",
+                json.dumps(payload),
+            )
+        )
     with engine.begin() as conn:
-        bulk_write(conn, table, ["event_id", "position", "consumer", "trigger_id", "time_gmt", "received_at", "status", "payload"], events)
+        bulk_write(
+            conn,
+            table,
+            [
+                "event_id",
+                "position",
+                "consumer",
+                "trigger_id",
+                "time_gmt",
+                "received_at",
+                "status",
+                "payload",
+            ],
+            events,
+        )
         for start in range(0, count, 20_000):
             chunk = range(start, min(count, start + 20_000))
-            bulk_write(conn, recipients, ["recipient_id", "email", "first_name", "last_name", "locale", "shopper_id", "opted_out"],
-                       [(f"r{i}", f"user{i}@{DOMAINS[i % len(DOMAINS)]}", "Camille", "Martin", "fr_FR" if i % 2 else "en_US", f"SHOP-{i}", False) for i in chunk])
-            bulk_write(conn, deliveries, ["delivery_id", "campaign_id", "recipient_id", "email", "event_id", "event_time", "decided_at", "status", "attempts"],
-                       [(f"d{i:07d}", "cart_abandonment", f"r{i}", f"user{i}@{DOMAINS[i % len(DOMAINS)]}", f"e{i % 100}", 1767225201.0, now, "pending", 0) for i in chunk])
+            bulk_write(
+                conn,
+                recipients,
+                ["recipient_id", "email", "first_name", "last_name", "locale", "shopper_id", "opted_out"],
+                [
+                    (
+                        f"r{i}",
+                        f"user{i}@{DOMAINS[i % len(DOMAINS)]}",
+                        "Camille",
+                        "Martin",
+                        "fr_FR" if i % 2 else "en_US",
+                        f"SHOP-{i}",
+                        False,
+                    )
+                    for i in chunk
+                ],
+            )
+            bulk_write(
+                conn,
+                deliveries,
+                [
+                    "delivery_id",
+                    "campaign_id",
+                    "recipient_id",
+                    "email",
+                    "event_id",
+                    "event_time",
+                    "decided_at",
+                    "status",
+                    "attempts",
+                ],
+                [
+                    (
+                        f"d{i:07d}",
+                        "cart_abandonment",
+                        f"r{i}",
+                        f"user{i}@{DOMAINS[i % len(DOMAINS)]}",
+                        f"e{i % 100}",
+                        1767225201.0,
+                        now,
+                        "pending",
+                        0,
+                    )
+                    for i in chunk
+                ],
+            )
 
 
 def reset_deliveries(engine) -> None:
     from sqlalchemy import text
 
     with engine.begin() as conn:
-        conn.execute(text("UPDATE deliveries SET status = 'pending', attempts = 0, claimed_at = NULL, claimed_by = NULL, "
-                          "sent_at = NULL, smtp_reply = NULL, reason = NULL"))
+        conn.execute(
+            text(
+                "UPDATE deliveries SET status = 'pending', attempts = 0, claimed_at = NULL, claimed_by = NULL, "
+                "sent_at = NULL, smtp_reply = NULL, reason = NULL"
+            )
+        )
 
 
 def pre_render(config, count: int):
@@ -158,10 +262,19 @@ def pre_render(config, count: int):
     started = time.perf_counter()
     messages = []
     for i in range(count):
-        recipient = {"recipient_id": f"r{i}", "email": f"user{i}@{DOMAINS[i % len(DOMAINS)]}", "first_name": "Camille",
-                     "last_name": "Martin", "locale": "fr_FR" if i % 2 else "en_US"}
+        recipient = {
+            "recipient_id": f"r{i}",
+            "email": f"user{i}@{DOMAINS[i % len(DOMAINS)]}",
+            "first_name": "Camille",
+            "last_name": "Martin",
+            "locale": "fr_FR" if i % 2 else "en_US",
+        }
         event = event_context("3e8a2ba7", 1767225201.0, dimensions)
-        messages.append(renderer.render_bytes(campaign, recipient, event, f"d{i:07d}", unsubscribe_url_for(f"d{i:07d}", campaign.id)))
+        messages.append(
+            renderer.render_bytes(
+                campaign, recipient, event, f"d{i:07d}", unsubscribe_url_for(f"d{i:07d}", campaign.id)
+            )
+        )
     return messages, count / (time.perf_counter() - started)
 
 
@@ -182,7 +295,9 @@ def plain_smtplib(port: int, messages, connections: int = 1) -> float:
     return len(messages) / (time.perf_counter() - started)
 
 
-def delivery_path(engine, config, port: int, count: int, connections: int, window: int | None = None) -> float:
+def delivery_path(
+    engine, config, port: int, count: int, connections: int, window: int | None = None
+) -> float:
     from include.delivery.run import DeliveryOptions, deliver_pending
     from include.delivery.smtp import SmtpSettings
 
@@ -190,8 +305,13 @@ def delivery_path(engine, config, port: int, count: int, connections: int, windo
     # that Airflow (a large heap for the garbage collector) stays out of the measured process
     smtp = SmtpSettings(host="127.0.0.1", port=port, use_ssl=False, starttls=False)
     reset_deliveries(engine)
-    options = DeliveryOptions(templates_dir=ROOT / "include" / "templates", worker_id="bench", connections=connections,
-                              batch_size=1000, **({} if window is None else {"window": window}))
+    options = DeliveryOptions(
+        templates_dir=ROOT / "include" / "templates",
+        worker_id="bench",
+        connections=connections,
+        batch_size=1000,
+        **({} if window is None else {"window": window}),
+    )
     started = time.perf_counter()
     counts = deliver_pending(engine, config, smtp, options)
     elapsed = time.perf_counter() - started
@@ -206,7 +326,9 @@ def main() -> int:
     parser.add_argument("--connections", default="1,2,4", help="connection counts to time, comma-separated")
     parser.add_argument("--repeat", type=int, default=3, help="rounds; the table shows medians")
     parser.add_argument("--window1", action="store_true", help="also time 1 connection with window=1")
-    parser.add_argument("--no-pipelining", action="store_true", help="the sink does not offer PIPELINING (RFC 2920)")
+    parser.add_argument(
+        "--no-pipelining", action="store_true", help="the sink does not offer PIPELINING (RFC 2920)"
+    )
     parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sink:
@@ -218,13 +340,18 @@ def main() -> int:
     from include.delivery.render_pool import default_render_processes
 
     config = load_config(ROOT / "include" / "triggers.yaml", ROOT / "include" / "templates")
-    config = config.model_copy(update={"limits": config.limits.model_copy(update={"rate": None})})  # measure, not throttle
+    config = config.model_copy(
+        update={"limits": config.limits.model_copy(update={"rate": None})}
+    )  # measure, not throttle
     count = args.messages
     counts = [int(c) for c in args.connections.split(",")]
     tmp = tempfile.TemporaryDirectory()
     engine = make_engine(args.db or f"sqlite:///{tmp.name}/bench.db")
-    print(f"{count:,} messages, database {engine.dialect.name}, {os.cpu_count()} cores, load average "
-          f"{os.getloadavg()[0]:.1f}, sink in its own process, {default_render_processes()} render process(es)", flush=True)
+    print(
+        f"{count:,} messages, database {engine.dialect.name}, {os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.1f}, sink in its own process, {default_render_processes()} render process(es)",
+        flush=True,
+    )
     fill_database(engine, config, count)
     sink, port = start_sink(not args.no_pipelining)
     plain: dict[int, list[float]] = {n: [] for n in counts}
@@ -234,15 +361,21 @@ def main() -> int:
     try:
         messages, render_rate = pre_render(config, count)
         size = statistics.median(len(m.data) for m in messages[:1000])
-        print(f"render only (Renderer.render_bytes, 1 process): {render_rate:,.0f} messages/s (median message {size:,.0f} bytes)", flush=True)
+        print(
+            f"render only (Renderer.render_bytes, 1 process): {render_rate:,.0f} messages/s (median message {size:,.0f} bytes)",
+            flush=True,
+        )
         for round_ in range(1, args.repeat + 1):
             one = plain_smtplib(port, messages, 1)
             for n in counts:  # plain and the path in turn, so both see the same machine load
                 plain[n].append(one if n == 1 else plain_smtplib(port, messages, n))
                 path[n].append(delivery_path(engine, config, port, count, n))
                 ratio[n].append(path[n][-1] / one)
-                print(f"round {round_}: {n} connection(s): plain smtplib {plain[n][-1]:8,.0f}/s, deliver_pending "
-                      f"{path[n][-1]:8,.0f}/s, ratio to plain on 1 connection {ratio[n][-1]:.2f}", flush=True)
+                print(
+                    f"round {round_}: {n} connection(s): plain smtplib {plain[n][-1]:8,.0f}/s, deliver_pending "
+                    f"{path[n][-1]:8,.0f}/s, ratio to plain on 1 connection {ratio[n][-1]:.2f}",
+                    flush=True,
+                )
             if args.window1:
                 window1.append(delivery_path(engine, config, port, count, 1, 1) / one)
                 print(f"round {round_}: 1 connection, window=1: ratio {window1[-1]:.2f}", flush=True)
@@ -252,14 +385,22 @@ def main() -> int:
         engine.dispose()
         tmp.cleanup()
     med = statistics.median
-    print(f"\nmedians of {args.repeat} round(s), {count:,} messages, {engine.dialect.name}; ratios are taken within each round")
-    print(f"{'connections':>11} | {'plain smtplib msg/s':>19} | {'deliver_pending msg/s':>21} | {'deliver / plain on 1 conn':>25} | {'deliver / plain, same conns':>27}")
+    print(
+        f"\nmedians of {args.repeat} round(s), {count:,} messages, {engine.dialect.name}; ratios are taken within each round"
+    )
+    print(
+        f"{'connections':>11} | {'plain smtplib msg/s':>19} | {'deliver_pending msg/s':>21} | {'deliver / plain on 1 conn':>25} | {'deliver / plain, same conns':>27}"
+    )
     print("-" * 11 + "-+-" + "-" * 19 + "-+-" + "-" * 21 + "-+-" + "-" * 25 + "-+-" + "-" * 27)
     for n in counts:
         same = med([p / q for p, q in zip(path[n], plain[n], strict=True)])
-        print(f"{n:>11} | {med(plain[n]):>19,.0f} | {med(path[n]):>21,.0f} | {med(ratio[n]):>25.2f} | {same:>27.2f}")
+        print(
+            f"{n:>11} | {med(plain[n]):>19,.0f} | {med(path[n]):>21,.0f} | {med(ratio[n]):>25.2f} | {same:>27.2f}"
+        )
     if window1:
-        print(f"1 connection, window=1 (a commit before each next message): {med(window1):.2f} of plain on 1 connection")
+        print(
+            f"1 connection, window=1 (a commit before each next message): {med(window1):.2f} of plain on 1 connection"
+        )
     print("goal (issue 4): deliver_pending on 1 connection >= 0.80 of plain smtplib on 1 connection")
     return 0
 

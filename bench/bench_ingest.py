@@ -33,9 +33,27 @@ def start_simulator(events: int, workdir: Path) -> tuple[subprocess.Popen, str, 
     private_key, public_key = create_key_pair(workdir / "keys")
     port = 18765
     process = subprocess.Popen(
-        [sys.executable, "-m", "include.cli", "simulator", "serve", "--port", str(port), "--events", str(events),
-         "--public-key", str(public_key), "--malformed-share", "0.001", "--duplicate-share", "0.001"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "include.cli",
+            "simulator",
+            "serve",
+            "--port",
+            str(port),
+            "--events",
+            str(events),
+            "--public-key",
+            str(public_key),
+            "--malformed-share",
+            "0.001",
+            "--duplicate-share",
+            "0.001",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -83,18 +101,35 @@ def drain_worker(db_url: str, simulator_url: str, private_key: str, fetch_size: 
 
     options = SimulatorOptions()
     config = load_config()
-    config = config.model_copy(update={"pipeline": config.pipeline.model_copy(update={"fetch_size": fetch_size})})
+    config = config.model_copy(
+        update={"pipeline": config.pipeline.model_copy(update={"fetch_size": fetch_size})}
+    )
     credentials = PipelineCredentials(
-        pipeline_url=simulator_url, ims_url=simulator_url, client_id=options.client_id,
-        client_secret=options.client_secret, org_id=options.org_id,
-        technical_account_id=options.technical_account_id, private_key=Path(private_key).read_bytes())
+        pipeline_url=simulator_url,
+        ims_url=simulator_url,
+        client_id=options.client_id,
+        client_secret=options.client_secret,
+        org_id=options.org_id,
+        technical_account_id=options.technical_account_id,
+        private_key=Path(private_key).read_bytes(),
+    )
     engine = make_engine(db_url)
-    client = JournalClient(ImsAuthenticator(credentials), config.pipeline.consumer,
-                           retry_validity=config.pipeline.retry_validity)
+    client = JournalClient(
+        ImsAuthenticator(credentials), config.pipeline.consumer, retry_validity=config.pipeline.retry_validity
+    )
     report = drain(engine, config, client)
     peak_kib = peak_rss_kib()
-    print(json.dumps({"seconds": report.seconds, "received": report.received, "staged": report.staged,
-                      "pages": report.pages, "peak_rss_mib": round(peak_kib / 1024, 1)}))
+    print(
+        json.dumps(
+            {
+                "seconds": report.seconds,
+                "received": report.received,
+                "staged": report.staged,
+                "pages": report.pages,
+                "peak_rss_mib": round(peak_kib / 1024, 1),
+            }
+        )
+    )
 
 
 def peak_rss_kib() -> int:
@@ -119,13 +154,17 @@ def raw_insert_seconds(db_url: str, *, indexed: bool, chunk: int = 100_000) -> t
     with engine.begin() as conn:
         conn.exec_driver_sql("DROP TABLE IF EXISTS raw_events")
         if postgres:
-            conn.exec_driver_sql(f"CREATE TABLE raw_events (LIKE pipeline_events {'INCLUDING ALL' if indexed else ''})")
+            conn.exec_driver_sql(
+                f"CREATE TABLE raw_events (LIKE pipeline_events {'INCLUDING ALL' if indexed else ''})"
+            )
         else:
             conn.exec_driver_sql("CREATE TABLE raw_events AS SELECT * FROM pipeline_events WHERE 0")
             if indexed:
                 conn.exec_driver_sql("CREATE UNIQUE INDEX raw_events_key ON raw_events (event_id)")
                 for number, (_, columns) in enumerate(EVENT_INDEXES):
-                    conn.exec_driver_sql(f"CREATE INDEX raw_events_{number} ON raw_events ({', '.join(columns)})")
+                    conn.exec_driver_sql(
+                        f"CREATE INDEX raw_events_{number} ON raw_events ({', '.join(columns)})"
+                    )
     with engine.connect() as probe:
         columns = [c["name"] for c in engine.dialect.get_columns(probe, "pipeline_events")]
     names = ", ".join(f'"{c}"' for c in columns)
@@ -155,7 +194,9 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
     parser.add_argument("--fetch-size", type=int, default=1000)
-    parser.add_argument("--worker", nargs=4, metavar=("DB_URL", "SIM_URL", "KEY", "FETCH"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", nargs=4, metavar=("DB_URL", "SIM_URL", "KEY", "FETCH"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.worker:
         drain_worker(args.worker[0], args.worker[1], args.worker[2], int(args.worker[3]))
@@ -171,22 +212,40 @@ def main() -> None:
                 create_schema(db_url)
                 requests.post(f"{url}/_sim/faults", json={"clear": True}, timeout=5)
                 run = subprocess.run(
-                    [sys.executable, "-m", "bench.bench_ingest", "--worker", db_url, url, str(private_key),
-                     str(args.fetch_size)],
-                    cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TRIGGERS_TOKEN_CACHE": "off"})
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.bench_ingest",
+                        "--worker",
+                        db_url,
+                        url,
+                        str(private_key),
+                        str(args.fetch_size),
+                    ],
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                    env={**os.environ, "TRIGGERS_TOKEN_CACHE": "off"},
+                )
                 if run.returncode:
                     raise SystemExit(run.stderr[-3000:])
                 result = json.loads(run.stdout.strip().splitlines()[-1])
                 rate = result["received"] / result["seconds"]
-                print(f"  {kind:<10} drain {result['received']:,} events in {result['seconds']:.1f} s = "
-                      f"{rate:,.0f} events/s, peak RSS {result['peak_rss_mib']:,.0f} MiB, "
-                      f"load average {os.getloadavg()[0]:.1f}", flush=True)
+                print(
+                    f"  {kind:<10} drain {result['received']:,} events in {result['seconds']:.1f} s = "
+                    f"{rate:,.0f} events/s, peak RSS {result['peak_rss_mib']:,.0f} MiB, "
+                    f"load average {os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
                 for indexed in (True, False):
                     raw_seconds, raw_rows = raw_insert_seconds(db_url, indexed=indexed)
                     raw_rate = raw_rows / raw_seconds
                     shape = "same key and indexes" if indexed else "bare table, no index"
-                    print(f"  {'':<10} raw insert of the {raw_rows:,} staged rows, {shape}: {raw_seconds:.1f} s = "
-                          f"{raw_rate:,.0f} rows/s; drain / raw = {rate / raw_rate:.2f}", flush=True)
+                    print(
+                        f"  {'':<10} raw insert of the {raw_rows:,} staged rows, {shape}: {raw_seconds:.1f} s = "
+                        f"{raw_rate:,.0f} rows/s; drain / raw = {rate / raw_rate:.2f}",
+                        flush=True,
+                    )
         finally:
             simulator.terminate()
             simulator.wait()

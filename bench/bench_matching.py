@@ -66,8 +66,18 @@ limits:
   per_recipient: {{max: 3, per: 24h}}
 """
 EVENT_COLUMNS = [
-    "event_id", "position", "consumer", "trigger_id", "time_gmt", "received_at", "status", "mc_id",
-    "payload", "dim_evar01", "dim_pagename", "dim_products",
+    "event_id",
+    "position",
+    "consumer",
+    "trigger_id",
+    "time_gmt",
+    "received_at",
+    "status",
+    "mc_id",
+    "payload",
+    "dim_evar01",
+    "dim_pagename",
+    "dim_products",
 ]
 RECIPIENT_COLUMNS = ["recipient_id", "email", "first_name", "locale", "shopper_id", "mc_id", "opted_out"]
 
@@ -110,7 +120,9 @@ def make_frames(events: int, seed: int = 7) -> tuple[pd.DataFrame, pd.DataFrame]
             "mc_id": person.map("MC{:036d}".format),
             "payload": "{}",
             "dim_evar01": np.where(kind == 1, "", "SHOP-" + person.map("{:08d}".format)),
-            "dim_pagename": np.choose(kind, [cart_page, np.full(events, "product:detail"), np.full(events, "checkout:thanks")]),
+            "dim_pagename": np.choose(
+                kind, [cart_page, np.full(events, "product:detail"), np.full(events, "checkout:thanks")]
+            ),
             "dim_products": np.where(rng.random(events) < 0.3, sku + sep + second_sku, sku),
         }
     )
@@ -226,12 +238,16 @@ def run_matching(url: str, queue: multiprocessing.Queue) -> None:
 def run_merge(events: int, queue: multiprocessing.Queue) -> None:
     """In a fresh process: a bare pandas merge of the same frames (built first, not timed)."""
     frame, people = make_frames(events)
-    frame = frame[["event_id", "trigger_id", "time_gmt", "mc_id", "dim_evar01", "dim_pagename", "dim_products"]]
+    frame = frame[
+        ["event_id", "trigger_id", "time_gmt", "mc_id", "dim_evar01", "dim_pagename", "dim_products"]
+    ]
     baseline = _peak_rss_mib()
     started = time.perf_counter()
     merged = frame.merge(people, on="mc_id", how="left")
     seconds = time.perf_counter() - started
-    queue.put({"seconds": seconds, "rss_mib": _peak_rss_mib(), "rss_before_mib": baseline, "rows": len(merged)})
+    queue.put(
+        {"seconds": seconds, "rss_mib": _peak_rss_mib(), "rss_before_mib": baseline, "rows": len(merged)}
+    )
 
 
 def _in_child(target, *args) -> dict:
@@ -245,10 +261,17 @@ def _in_child(target, *args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_matching", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.bench_matching", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--db", choices=("sqlite", "postgresql", "both"), default="both")
     parser.add_argument("--events", type=int, default=1_000_000)
-    parser.add_argument("--repeat", type=int, default=1, help="runs per database; the median time and the largest peak RSS are printed")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per database; the median time and the largest peak RSS are printed",
+    )
     args = parser.parse_args(argv)
     kinds = ("sqlite", "postgresql") if args.db == "both" else (args.db,)
     print(f"matching {args.events:,} staged events against {args.events:,} recipients")
@@ -273,7 +296,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"peak RSS {rss:,.0f} MiB  (goal < 30 s, < 2048 MiB)"
             )
             if len(runs) > 1:
-                print("    runs: " + ", ".join(f"{r['seconds']:.2f} s" for r in runs) + " (median above, largest peak RSS)")
+                print(
+                    "    runs: "
+                    + ", ".join(f"{r['seconds']:.2f} s" for r in runs)
+                    + " (median above, largest peak RSS)"
+                )
             print(f"    counts: {counts}")
     return 0
 

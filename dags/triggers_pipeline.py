@@ -94,8 +94,12 @@ def triggers_pipeline() -> None:
         window = _window()
         with open_resources() as res:
             smtp = PipeliningSmtpHook(res.settings.smtp_conn_id).session_settings()
-            options = DeliveryOptions(templates_dir=res.settings.templates_dir, worker_id=window.run_id,
-                                      connections=DELIVERY_CONNECTIONS, interval=window.interval)
+            options = DeliveryOptions(
+                templates_dir=res.settings.templates_dir,
+                worker_id=window.run_id,
+                connections=DELIVERY_CONNECTIONS,
+                interval=window.interval,
+            )
             return deliver_pending(res.engine, res.config, smtp, options)
 
     @task

@@ -20,11 +20,20 @@ COMMANDS = {
     "deliver": ("include.delivery.run", "send the pending emails once through smtp_default"),
     "import": ("include.staging.imports", "stage a JSON-lines export of past events, for a backfill"),
     "demo": ("include.sandbox.demo", "run the whole job once on embedded defaults and show what it did"),
-    "status": ("include.operations.status", "print the pipeline status (what the Airflow status view shows) as JSON"),
+    "status": (
+        "include.operations.status",
+        "print the pipeline status (what the Airflow status view shows) as JSON",
+    ),
     "audience": ("include.audience.load", "load the recipients table from CSV"),
-    "db": ("include.operations.database", "upgrade the staging database's schema (db upgrade) or check it (db check)"),
+    "db": (
+        "include.operations.database",
+        "upgrade the staging database's schema (db upgrade) or check it (db check)",
+    ),
     "purge": ("include.operations.purge", "delete staged events and deliveries older than their retention"),
-    "smtp": ("include.sandbox.smtp_server", "run a local SMTP server that keeps what it receives (demo, tests)"),
+    "smtp": (
+        "include.sandbox.smtp_server",
+        "run a local SMTP server that keeps what it receives (demo, tests)",
+    ),
 }
 
 

@@ -146,9 +146,7 @@ class TriggersConfig(_Strict):
     @cached_property
     def trigger_labels(self) -> dict[str, str]:
         """triggerId -> label (the id itself when no label is given); may hold '*'."""
-        return {
-            t.name: t.label or t.name for topic in self.pipeline.topics for t in topic.triggers
-        }
+        return {t.name: t.label or t.name for topic in self.pipeline.topics for t in topic.triggers}
 
     @property
     def accepts_all_triggers(self) -> bool:
@@ -238,13 +236,17 @@ def parse_config(text: str, source: str = "<config>") -> TriggersConfig:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
 
 
-def load_config(path: str | os.PathLike[str] | None = None, templates_dir: Path | None = None) -> TriggersConfig:
+def load_config(
+    path: str | os.PathLike[str] | None = None, templates_dir: Path | None = None
+) -> TriggersConfig:
     """Load and validate the configuration; check that each campaign's template set exists."""
     path = Path(path or os.environ.get("TRIGGERS_CONFIG") or DEFAULT_CONFIG_PATH)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
-        raise ConfigError(f"cannot read the configuration {path}: {error.strerror}; set TRIGGERS_CONFIG") from None
+        raise ConfigError(
+            f"cannot read the configuration {path}: {error.strerror}; set TRIGGERS_CONFIG"
+        ) from None
     config = parse_config(text, source=path.name)
     templates_dir = templates_dir or Settings.from_env().templates_dir
     for index, campaign in enumerate(config.campaigns):

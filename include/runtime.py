@@ -12,14 +12,17 @@ from types import ModuleType
 from typing import Any
 
 
-def spawn_pool(workers: int, initializer: Callable[..., None], initargs: tuple[Any, ...]) -> ProcessPoolExecutor:
+def spawn_pool(
+    workers: int, initializer: Callable[..., None], initargs: tuple[Any, ...]
+) -> ProcessPoolExecutor:
     """A pool whose processes are started now, by ``spawn``.
 
     The caller's ``__main__`` is hidden while they start: a worker needs nothing of it, and a
     script without an ``if __name__ == "__main__"`` guard would otherwise run again in each.
     """
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=initializer, initargs=initargs)
+    pool = ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=initializer, initargs=initargs
+    )
     caller_main = sys.modules["__main__"]
     sys.modules["__main__"] = ModuleType("__main__")
     try:

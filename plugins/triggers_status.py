@@ -52,7 +52,11 @@ async def require_signed_in(request: Request) -> None:
     from airflow.api_fastapi.core_api.security import resolve_user_from_token
 
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    token = credentials if scheme.lower() == "bearer" and credentials else request.cookies.get(COOKIE_NAME_JWT_TOKEN)
+    token = (
+        credentials
+        if scheme.lower() == "bearer" and credentials
+        else request.cookies.get(COOKIE_NAME_JWT_TOKEN)
+    )
     await resolve_user_from_token(token)
 
 
@@ -113,9 +117,7 @@ def _read_status(days: int) -> dict[str, Any]:
 
 
 @app.get("/status.json")
-def status_json(
-    days: int = Query(3, ge=1, le=31), _user: None = Depends(require_signed_in)
-) -> JSONResponse:
+def status_json(days: int = Query(3, ge=1, le=31), _user: None = Depends(require_signed_in)) -> JSONResponse:
     status = read_status(days)
     return JSONResponse(status, status_code=503 if "error" in status else 200)
 
@@ -238,4 +240,3 @@ class TriggersStatusPlugin(AirflowPlugin):
             "nav_top_level": True,
         }
     ]
-

@@ -39,17 +39,25 @@ AIRFLOW_BIN = str(Path(sys.executable).parent / "airflow")
 T = TypeVar("T")
 
 
-def wait_for(what: str, check: Callable[[], T | None], timeout: float, *,
-             processes: list[subprocess.Popen] | tuple = (), explain: Callable[[], str] | None = None,
-             interval: float = 0.5) -> T:
+def wait_for(
+    what: str,
+    check: Callable[[], T | None],
+    timeout: float,
+    *,
+    processes: list[subprocess.Popen] | tuple = (),
+    explain: Callable[[], str] | None = None,
+    interval: float = 0.5,
+) -> T:
     """Poll ``check`` until it returns something truthy; fail clearly on timeout or a dead process."""
     deadline = time.monotonic() + timeout
     while True:
         for process in processes:
             if process.poll() is not None:
                 detail = f"\n{explain()}" if explain else ""
-                raise AssertionError(f"`airflow {process.args[1]}` exited with {process.returncode} "
-                                     f"while waiting for {what}{detail}")
+                raise AssertionError(
+                    f"`airflow {process.args[1]}` exited with {process.returncode} "
+                    f"while waiting for {what}{detail}"
+                )
         try:
             result = check()
         except (OSError, urllib.error.URLError):
@@ -102,11 +110,14 @@ class AirflowHarness:
     # -- the CLI ---------------------------------------------------------------------------
     def cli(self, *args: str, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run ``airflow ARGS`` to completion; on failure raise with its output."""
-        done = subprocess.run([AIRFLOW_BIN, *args], env=self.env, cwd=self.home, capture_output=True,
-                              text=True, timeout=timeout)
+        done = subprocess.run(
+            [AIRFLOW_BIN, *args], env=self.env, cwd=self.home, capture_output=True, text=True, timeout=timeout
+        )
         if check and done.returncode != 0:
-            raise AssertionError(f"`airflow {' '.join(args)}` exited with {done.returncode}:\n"
-                                 f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+            raise AssertionError(
+                f"`airflow {' '.join(args)}` exited with {done.returncode}:\n"
+                f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            )
         return done
 
     def cli_in_background(self, *args: str) -> subprocess.Popen:
@@ -126,15 +137,27 @@ class AirflowHarness:
         with self.log_path.open("ab") as log:
             log.write(f"\n===== airflow {' '.join(args)} =====\n".encode())
             log.flush()
-            process = subprocess.Popen([AIRFLOW_BIN, *args], env=self.env, cwd=self.home, stdout=log, stderr=log,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+            process = subprocess.Popen(
+                [AIRFLOW_BIN, *args],
+                env=self.env,
+                cwd=self.home,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self._children.append(process)
         return process
 
     def wait_until_healthy(self, timeout: float = 90) -> None:
         """The api-server answers and every started component is still alive."""
-        wait_for("the api-server's health endpoint", lambda: self._http("GET", "/api/v2/monitor/health"),
-                 timeout, processes=self.processes, explain=self.log_tail)
+        wait_for(
+            "the api-server's health endpoint",
+            lambda: self._http("GET", "/api/v2/monitor/health"),
+            timeout,
+            processes=self.processes,
+            explain=self.log_tail,
+        )
 
     def log_tail(self, chars: int = 6000) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -166,16 +189,21 @@ class AirflowHarness:
     # -- the REST API ----------------------------------------------------------------------
     def api(self, path: str, data: dict[str, Any] | None = None, method: str | None = None) -> Any:
         """``/api/v2{path}`` as the admin user; JSON in and out."""
-        return self._http(method or ("POST" if data is not None else "GET"), f"/api/v2{path}", data, self.api_token())
+        return self._http(
+            method or ("POST" if data is not None else "GET"), f"/api/v2{path}", data, self.api_token()
+        )
 
     def api_token(self) -> str:
         """A bearer token of the admin user (fetched once)."""
         if self._token is None:
             self._token = self._http("POST", "/auth/token", {"username": "admin", "password": self.password})[
-                "access_token"]
+                "access_token"
+            ]
         return self._token
 
-    def _http(self, method: str, path: str, data: dict[str, Any] | None = None, token: str | None = None) -> Any:
+    def _http(
+        self, method: str, path: str, data: dict[str, Any] | None = None, token: str | None = None
+    ) -> Any:
         headers = {"Content-Type": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -185,7 +213,9 @@ class AirflowHarness:
             with urllib.request.urlopen(request, timeout=20) as response:
                 return json.loads(response.read() or b"null")
         except urllib.error.HTTPError as error:
-            raise ApiError(error.code, f"{method} {path}: {error.code} {error.read().decode(errors='replace')[:2000]}") from None
+            raise ApiError(
+                error.code, f"{method} {path}: {error.code} {error.read().decode(errors='replace')[:2000]}"
+            ) from None
 
 
 class ApiError(urllib.error.URLError):

@@ -36,7 +36,9 @@ def _postgres_reason() -> str | None:
             admin.dispose()
             _pg_unreachable = ""
         except Exception as error:  # any driver error means: skip, with the reason
-            _pg_unreachable = f"PostgreSQL not reachable at {make_url(PG_ADMIN_URL).render_as_string()}: {error}".splitlines()[0]
+            _pg_unreachable = f"PostgreSQL not reachable at {make_url(PG_ADMIN_URL).render_as_string()}: {error}".splitlines()[
+                0
+            ]
     return _pg_unreachable or None
 
 

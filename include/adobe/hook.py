@@ -43,7 +43,9 @@ class AdobePipelineHook(BaseHook):
         self._client: JournalClient | None = None
 
     @classmethod
-    def for_config(cls, config: TriggersConfig, adobe_pipeline_conn_id: str = default_conn_name) -> AdobePipelineHook:
+    def for_config(
+        cls, config: TriggersConfig, adobe_pipeline_conn_id: str = default_conn_name
+    ) -> AdobePipelineHook:
         """The hook for the configuration's consumer and retry_validity."""
         pipeline = config.pipeline
         return cls(adobe_pipeline_conn_id, consumer=pipeline.consumer, retry_validity=pipeline.retry_validity)

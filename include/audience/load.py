@@ -26,7 +26,16 @@ from include.errors import AudienceError
 # One @, a dot in the domain, no empty label, nothing that could split or forge a header.
 EMAIL_PATTERN = r"[^@\s,;:<>()\[\]\"\\\x00-\x1f\x7f]+@(?:[^@\s,;:<>()\[\]\"\\\x00-\x1f\x7f.]+\.)+[^@\s,;:<>()\[\]\"\\\x00-\x1f\x7f.]+"
 _EMAIL = re.compile(EMAIL_PATTERN)
-CSV_COLUMNS = ("recipient_id", "email", "first_name", "last_name", "locale", "shopper_id", "mc_id", "opted_out")
+CSV_COLUMNS = (
+    "recipient_id",
+    "email",
+    "first_name",
+    "last_name",
+    "locale",
+    "shopper_id",
+    "mc_id",
+    "opted_out",
+)
 REQUIRED_COLUMNS = ("recipient_id", "email")
 UNIQUE_IDENTITIES = ("shopper_id", "mc_id")
 TRUE_WORDS = frozenset({"true", "t", "yes", "y", "1"})
@@ -92,7 +101,11 @@ class _Load:
             return
         chunk.loc[mask, "_reason"] = reason
         self.reasons[reason] += int(mask.sum())
-        for line, rid in zip(chunk.loc[mask, "_line"].tolist()[: EXAMPLES_KEPT], chunk.loc[mask, "recipient_id"].tolist(), strict=False):
+        for line, rid in zip(
+            chunk.loc[mask, "_line"].tolist()[:EXAMPLES_KEPT],
+            chunk.loc[mask, "recipient_id"].tolist(),
+            strict=False,
+        ):
             if len(self.examples) < EXAMPLES_KEPT:
                 self.examples.append(f"line {line}: {message}" + (f" (recipient_id {rid!r})" if rid else ""))
 
@@ -105,7 +118,9 @@ class _Load:
                 wanted[column] = [v for v in chunk[column].unique().tolist() if v]
                 conditions.append(in_list(self.conn, column, column))
         sql = f"SELECT recipient_id, shopper_id, mc_id, opted_out FROM recipients WHERE {' OR '.join(conditions)}"
-        rows = self.conn.execute(text(sql), {k: list_param(self.conn, v) for k, v in wanted.items()}).fetchall()
+        rows = self.conn.execute(
+            text(sql), {k: list_param(self.conn, v) for k, v in wanted.items()}
+        ).fetchall()
         return pd.DataFrame.from_records(rows, columns=["recipient_id", "shopper_id", "mc_id", "opted_out"])
 
     def chunk(self, chunk: pd.DataFrame, first_line: int) -> None:
@@ -116,11 +131,19 @@ class _Load:
         ids = chunk["recipient_id"]
         self.reject(chunk, ids == "", "missing_recipient_id", "no recipient_id")
         repeated = ids.duplicated() | ids.isin(self.seen_ids)
-        self.reject(chunk, repeated & (ids != ""), "duplicate_recipient_id", "recipient_id already given above")
-        opted_out = parse_opted_out(chunk["opted_out"]) if "opted_out" in chunk else pd.Series(None, index=chunk.index, dtype=object)
         self.reject(
-            chunk, opted_out.isna() & chunk.get("opted_out", pd.Series("", index=chunk.index)).ne(""),
-            "bad_opted_out", "opted_out is not true/false, 1/0 or yes/no",
+            chunk, repeated & (ids != ""), "duplicate_recipient_id", "recipient_id already given above"
+        )
+        opted_out = (
+            parse_opted_out(chunk["opted_out"])
+            if "opted_out" in chunk
+            else pd.Series(None, index=chunk.index, dtype=object)
+        )
+        self.reject(
+            chunk,
+            opted_out.isna() & chunk.get("opted_out", pd.Series("", index=chunk.index)).ne(""),
+            "bad_opted_out",
+            "opted_out is not true/false, 1/0 or yes/no",
         )
         existing = self.existing(chunk[chunk["_reason"].isna()])
         for column in UNIQUE_IDENTITIES:
@@ -153,7 +176,13 @@ class _Load:
         if "email" in rows:
             self.counts["invalid_email"] += int((~email_is_valid(rows["email"])).sum())
         rows = rows.astype(object).where(rows.notna(), None)
-        bulk_write(self.conn, recipients, list(rows.columns), list(rows.itertuples(index=False, name=None)), conflict="update")
+        bulk_write(
+            self.conn,
+            recipients,
+            list(rows.columns),
+            list(rows.itertuples(index=False, name=None)),
+            conflict="update",
+        )
         self.counts["loaded"] += len(rows)
         self.counts["updated"] += int(is_update.sum())
         self.counts["inserted"] += int((~is_update).sum())
@@ -173,7 +202,11 @@ def load_recipients(engine: Engine, path: str | Path, *, chunk_size: int = 100_0
         with engine.begin() as conn:
             load = _Load(conn, columns)
             reader = pd.read_csv(
-                path, dtype=str, keep_default_na=False, chunksize=chunk_size, encoding="utf-8-sig",
+                path,
+                dtype=str,
+                keep_default_na=False,
+                chunksize=chunk_size,
+                encoding="utf-8-sig",
             )
             line = 2  # the header is line 1
             for chunk in reader:
@@ -194,7 +227,9 @@ def load_recipients(engine: Engine, path: str | Path, *, chunk_size: int = 100_0
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    load = actions.add_parser("load", help="upsert recipients from a CSV file", description=load_recipients.__doc__)
+    load = actions.add_parser(
+        "load", help="upsert recipients from a CSV file", description=load_recipients.__doc__
+    )
     load.add_argument("path", type=Path, help="CSV with the header recipient_id,email,first_name,...")
     load.add_argument("--chunk-size", type=int, default=100_000, help="rows per chunk (default 100000)")
 
@@ -213,5 +248,7 @@ def main(args: argparse.Namespace) -> int:
     for example in report["examples"]:
         print(f"    {example}")
     if report["invalid_email"]:
-        print(f"  {report['invalid_email']} loaded with an invalid email: they will be suppressed as invalid_email")
+        print(
+            f"  {report['invalid_email']} loaded with an invalid email: they will be suppressed as invalid_email"
+        )
     return 0

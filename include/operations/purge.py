@@ -68,7 +68,11 @@ def _delete_in_batches(engine: Engine, table: Any, key: Any, condition: Any, bat
 
 
 def purge_events(
-    engine: Engine, *, retention_seconds: float, now: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE
+    engine: Engine,
+    *,
+    retention_seconds: float,
+    now: float | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> tuple[int, int]:
     """Delete processed staged events received before ``now - retention_seconds``.
 
@@ -77,7 +81,9 @@ def purge_events(
     events = events_table()
     cutoff = (time.time() if now is None else now) - retention_seconds
     old = events.c.received_at < cutoff
-    deleted = _delete_in_batches(engine, events, events.c.event_id, and_(old, events.c.status != "new"), batch_size)
+    deleted = _delete_in_batches(
+        engine, events, events.c.event_id, and_(old, events.c.status != "new"), batch_size
+    )
     with engine.connect() as conn:
         waiting = conn.execute(select(func.count()).where(old, events.c.status == "new")).scalar_one()
     if waiting:
@@ -90,7 +96,11 @@ def purge_events(
 
 
 def purge_deliveries(
-    engine: Engine, *, retention_seconds: float, now: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE
+    engine: Engine,
+    *,
+    retention_seconds: float,
+    now: float | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> int:
     """Delete finished deliveries whose event and decision are older than the retention."""
     cutoff = (time.time() if now is None else now) - retention_seconds
@@ -103,7 +113,11 @@ def purge_deliveries(
 
 
 def purge_runs(
-    engine: Engine, *, retention_seconds: float, now: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE
+    engine: Engine,
+    *,
+    retention_seconds: float,
+    now: float | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> int:
     cutoff = (time.time() if now is None else now) - retention_seconds
     return _delete_in_batches(
@@ -124,7 +138,9 @@ def purge(
             engine, retention_seconds=config.pipeline.retention, now=now, batch_size=batch_size
         )
     if "deliveries" in tables:
-        deliveries_deleted = purge_deliveries(engine, retention_seconds=keep_deliveries, now=now, batch_size=batch_size)
+        deliveries_deleted = purge_deliveries(
+            engine, retention_seconds=keep_deliveries, now=now, batch_size=batch_size
+        )
     if "pipeline_runs" in tables:
         runs_deleted = purge_runs(engine, retention_seconds=keep_deliveries, now=now, batch_size=batch_size)
     result = PurgeResult(
@@ -143,7 +159,9 @@ def purge(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per delete transaction")
+    parser.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per delete transaction"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

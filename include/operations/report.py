@@ -56,17 +56,32 @@ def oldest_unprocessed_age(engine: Engine, now: float) -> float:
     return round(max(0.0, now - oldest), 3) if oldest is not None else 0.0
 
 
-def record_run(engine: Engine, run_id: str, drained: dict[str, Any], matched: dict[str, Any],
-               delivered: dict[str, Any], *, started_at: float | None = None) -> dict[str, Any]:
+def record_run(
+    engine: Engine,
+    run_id: str,
+    drained: dict[str, Any],
+    matched: dict[str, Any],
+    delivered: dict[str, Any],
+    *,
+    started_at: float | None = None,
+) -> dict[str, Any]:
     """Store the run's counts and lag (rerunning the run replaces its row); return them."""
     now = time.time()
     counts = run_counts(drained, matched, delivered)
     counts["lag_seconds"] = oldest_unprocessed_age(engine, now)
     insert = insert_for(engine)
-    values = {"run_id": run_id, "started_at": started_at or now, "finished_at": now,
-              "counts": json.dumps(counts, sort_keys=True), "lag_seconds": counts["lag_seconds"]}
+    values = {
+        "run_id": run_id,
+        "started_at": started_at or now,
+        "finished_at": now,
+        "counts": json.dumps(counts, sort_keys=True),
+        "lag_seconds": counts["lag_seconds"],
+    }
     statement = insert(pipeline_runs).values(**values)
     with engine.begin() as conn:
-        conn.execute(statement.on_conflict_do_update(
-            index_elements=["run_id"], set_={k: statement.excluded[k] for k in values if k != "run_id"}))
+        conn.execute(
+            statement.on_conflict_do_update(
+                index_elements=["run_id"], set_={k: statement.excluded[k] for k in values if k != "run_id"}
+            )
+        )
     return counts

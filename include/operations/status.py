@@ -53,7 +53,9 @@ def pipeline_status(
         has_events = "pipeline_events" in tables
         window = _window(conn, consumer, chart_start, now) if has_events else _window_empty()
         # an older database gets the frontier at `db upgrade` (revision 0001)
-        waiting, oldest_waiting = waiting_events(conn, consumer) if "matching_frontier" in tables else (0, None)
+        waiting, oldest_waiting = (
+            waiting_events(conn, consumer) if "matching_frontier" in tables else (0, None)
+        )
         emails = _emails(conn) if "deliveries" in tables else _emails_empty()
         runs = _recent_runs(conn, recent_runs) if "pipeline_runs" in tables else []
     by_status = window["by_status"]
@@ -152,12 +154,16 @@ def _emails(conn: Connection) -> dict[str, Any]:
         if status == "suppressed":
             key = reason or "unspecified"
             result["suppressed_by_reason"][key] = result["suppressed_by_reason"].get(key, 0) + int(count)
-    result["suppressed_by_reason"] = dict(sorted(result["suppressed_by_reason"].items(), key=lambda kv: -kv[1]))
+    result["suppressed_by_reason"] = dict(
+        sorted(result["suppressed_by_reason"].items(), key=lambda kv: -kv[1])
+    )
     return result
 
 
 def _recent_runs(conn: Connection, limit: int) -> list[dict[str, Any]]:
-    rows = conn.execute(select(pipeline_runs).order_by(pipeline_runs.c.started_at.desc()).limit(limit)).mappings()
+    rows = conn.execute(
+        select(pipeline_runs).order_by(pipeline_runs.c.started_at.desc()).limit(limit)
+    ).mappings()
     runs = []
     for row in rows:
         try:

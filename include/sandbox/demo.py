@@ -32,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the database of an earlier demo")
 
 
-def airflow_environment(workdir: Path, simulator_url: str, smtp_port: int, private_key: Path, options,
-                        db_url: str) -> dict[str, str]:
+def airflow_environment(
+    workdir: Path, simulator_url: str, smtp_port: int, private_key: Path, options, db_url: str
+) -> dict[str, str]:
     """The environment of an Airflow command run against the simulator and a local SMTP server."""
     from include.sandbox.keys import connection_json
 
@@ -47,13 +48,22 @@ def airflow_environment(workdir: Path, simulator_url: str, smtp_port: int, priva
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
         "AIRFLOW_CONN_ADOBE_PIPELINE": connection_json(
-            host=simulator_url, client_id=options.client_id, client_secret=options.client_secret,
-            org_id=options.org_id, technical_account_id=options.technical_account_id,
-            private_key_path=str(private_key), ims_url=simulator_url),
-        "AIRFLOW_CONN_SMTP_DEFAULT": json.dumps({
-            "conn_type": "smtp", "host": "127.0.0.1", "port": smtp_port,
-            "extra": {"disable_ssl": True, "disable_tls": True, "from_email": "shop@example.com"},
-        }),
+            host=simulator_url,
+            client_id=options.client_id,
+            client_secret=options.client_secret,
+            org_id=options.org_id,
+            technical_account_id=options.technical_account_id,
+            private_key_path=str(private_key),
+            ims_url=simulator_url,
+        ),
+        "AIRFLOW_CONN_SMTP_DEFAULT": json.dumps(
+            {
+                "conn_type": "smtp",
+                "host": "127.0.0.1",
+                "port": smtp_port,
+                "extra": {"disable_ssl": True, "disable_tls": True, "from_email": "shop@example.com"},
+            }
+        ),
         "TRIGGERS_DB_URL": db_url,
         "TRIGGERS_TOKEN_CACHE": str(workdir / "token-cache"),
         "PYTHONPATH": str(PROJECT_DIR),
@@ -79,12 +89,20 @@ def main(args: argparse.Namespace) -> int:
     private_key, public_key = keys / "private.pem", keys / "public.pem"
     if not (private_key.exists() and public_key.exists()):
         private_key, public_key = create_key_pair(keys)
-    options = SimulatorOptions(public_key_pem=public_key.read_bytes(), events=args.events, people=args.people,
-                               malformed_share=0.01, duplicate_share=0.01, time_span=7200.0,
-                               start_time=time.time() - 3 * 3600)
+    options = SimulatorOptions(
+        public_key_pem=public_key.read_bytes(),
+        events=args.events,
+        people=args.people,
+        malformed_share=0.01,
+        duplicate_share=0.01,
+        time_span=7200.0,
+        start_time=time.time() - 3 * 3600,
+    )
     step = _step_printer()
     with Simulator(options) as simulator, LocalSmtpServer(maildir=VAR / "mail") as smtp:
-        step(f"pipeline simulator at {simulator.url} with {args.events:,} events; SMTP server on 127.0.0.1:{smtp.port}")
+        step(
+            f"pipeline simulator at {simulator.url} with {args.events:,} events; SMTP server on 127.0.0.1:{smtp.port}"
+        )
         audience_csv = VAR / "audience.csv"
         write_audience_csv(audience_csv, args.people)
         engine = make_engine(db_url)
@@ -98,8 +116,9 @@ def main(args: argparse.Namespace) -> int:
             subprocess.run([AIRFLOW, "db", "migrate"], env=environment, check=True, stdout=subprocess.DEVNULL)
         step("airflow dags test triggers_pipeline")
         started = time.monotonic()
-        run = subprocess.run([AIRFLOW, "dags", "test", "triggers_pipeline"], env=environment,
-                             capture_output=True, text=True)
+        run = subprocess.run(
+            [AIRFLOW, "dags", "test", "triggers_pipeline"], env=environment, capture_output=True, text=True
+        )
         if run.returncode != 0:
             print(run.stdout[-4000:], run.stderr[-4000:], sep="\n", file=sys.stderr)
             step(f"the DAG run failed (exit {run.returncode}); its output is above")
@@ -124,7 +143,8 @@ def _print_summary(engine, smtp) -> None:
         events = conn.execute(select(table.c.status, func.count()).group_by(table.c.status)).all()
         decisions = conn.execute(
             select(deliveries.c.status, deliveries.c.reason, func.count())
-            .group_by(deliveries.c.status, deliveries.c.reason).order_by(func.count().desc())
+            .group_by(deliveries.c.status, deliveries.c.reason)
+            .order_by(func.count().desc())
         ).all()
     print("\nStaged events (pipeline_events):")
     for status, count in sorted(events):
@@ -135,6 +155,10 @@ def _print_summary(engine, smtp) -> None:
     print(f"Emails received by the local SMTP server: {len(smtp.messages):,}")
     if smtp.messages:
         message = smtp.messages[0]
-        print(f"  e.g. To: {message['To']} | Subject: {message['Subject']} | Message-ID: {message['Message-ID']}")
-    print(f"\nEverything is in {VAR.relative_to(PROJECT_DIR)}/ (triggers.db, mail/); run again to see that "
-          "nothing is sent twice: ./run demo --keep")
+        print(
+            f"  e.g. To: {message['To']} | Subject: {message['Subject']} | Message-ID: {message['Message-ID']}"
+        )
+    print(
+        f"\nEverything is in {VAR.relative_to(PROJECT_DIR)}/ (triggers.db, mail/); run again to see that "
+        "nothing is sent twice: ./run demo --keep"
+    )

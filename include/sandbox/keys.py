@@ -117,8 +117,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     private_path, public_path = create_key_pair(args.directory, overwrite=args.force)
     connection = connection_json(
-        args.host, args.client_id, args.client_secret, args.org_id, args.technical_account_id,
-        private_path, auth=args.auth, scopes=tuple(args.scopes or DEFAULT_SCOPES), ims_url=args.ims_url,
+        args.host,
+        args.client_id,
+        args.client_secret,
+        args.org_id,
+        args.technical_account_id,
+        private_path,
+        auth=args.auth,
+        scopes=tuple(args.scopes or DEFAULT_SCOPES),
+        ims_url=args.ims_url,
     )
     line = f"AIRFLOW_CONN_ADOBE_PIPELINE={shlex.quote(connection)}"
     env_path = args.directory / ENV_FILE_NAME

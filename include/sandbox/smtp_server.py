@@ -89,7 +89,9 @@ class _Handler:
     def __init__(self, server: LocalSmtpServer) -> None:
         self.server = server
 
-    async def handle_EHLO(self, smtp: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]) -> list[str]:
+    async def handle_EHLO(
+        self, smtp: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
         session.host_name = hostname
         if self.server.pipelining:  # aiosmtpd reads commands in order from its stream: it can
             responses.insert(-1, "250-PIPELINING")
@@ -110,7 +112,9 @@ class _Handler:
             return faults.temp_fail_reply
         return None
 
-    async def handle_MAIL(self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
+    async def handle_MAIL(
+        self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
         with self.server._lock:
             refused = self._fault(smtp, "MAIL")
         if refused:
@@ -119,7 +123,9 @@ class _Handler:
         envelope.mail_options.extend(options)
         return "250 OK"
 
-    async def handle_RCPT(self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
+    async def handle_RCPT(
+        self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
         if self.server._refusing:
             assert smtp.transport is not None
             smtp.transport.abort()
@@ -177,7 +183,9 @@ class _RecordingSMTP(SMTP):
         super().data_received(data)
 
     async def push(self, status: AnyStr) -> None:
-        self.local_server.replies.append(status if isinstance(status, str) else status.decode("utf-8", "replace"))
+        self.local_server.replies.append(
+            status if isinstance(status, str) else status.decode("utf-8", "replace")
+        )
         await super().push(status)
 
 
@@ -223,7 +231,9 @@ class LocalSmtpServer:
         if self.credentials:  # plain AUTH on loopback: this server is for tests and the demo only
             warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS", UserWarning)
             kwargs.update(authenticator=self._authenticate, auth_require_tls=False, auth_required=True)
-        controller = _Controller(_Handler(self), hostname=self.host, port=self.port, ready_timeout=10, server_kwargs=kwargs)
+        controller = _Controller(
+            _Handler(self), hostname=self.host, port=self.port, ready_timeout=10, server_kwargs=kwargs
+        )
         controller.start()
         self._controller = controller
         return self
@@ -245,9 +255,14 @@ class LocalSmtpServer:
         self._refusing = False
         self.start()
 
-    def _authenticate(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any) -> AuthResult:
-        ok = isinstance(auth_data, LoginPassword) and self.credentials is not None and (
-            auth_data.login.decode(), auth_data.password.decode()) == self.credentials
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        ok = (
+            isinstance(auth_data, LoginPassword)
+            and self.credentials is not None
+            and (auth_data.login.decode(), auth_data.password.decode()) == self.credentials
+        )
         return AuthResult(success=ok, handled=False)
 
     # -- faults ----------------------------------------------------------------------------

@@ -43,7 +43,10 @@ def test_one_shot_services_are_awaited(compose: dict) -> None:
     }
     assert waits["airflow-init"] == waits["keys-init"] == "service_completed_successfully"
     for name in AIRFLOW_SERVICES:
-        assert compose["services"][name]["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
+        assert (
+            compose["services"][name]["depends_on"]["airflow-init"]["condition"]
+            == "service_completed_successfully"
+        )
         assert compose["services"][name]["depends_on"]["postgres"]["condition"] == "service_healthy"
 
 
@@ -51,7 +54,10 @@ def test_airflow_services_share_one_environment(compose: dict) -> None:
     for name in (*AIRFLOW_SERVICES, "airflow-init"):
         service = compose["services"][name]
         env = service["environment"]
-        assert env["AIRFLOW__API_AUTH__JWT_SECRET"] == "${AIRFLOW_JWT_SECRET:?set AIRFLOW_JWT_SECRET in .env (see .env.example)}"
+        assert (
+            env["AIRFLOW__API_AUTH__JWT_SECRET"]
+            == "${AIRFLOW_JWT_SECRET:?set AIRFLOW_JWT_SECRET in .env (see .env.example)}"
+        )
         assert env["AIRFLOW__CORE__LOAD_EXAMPLES"] == "false"
         assert env["TRIGGERS_DB_URL"].endswith("@postgres/triggers")
         assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].endswith("@postgres/airflow")
@@ -94,7 +100,8 @@ def test_dockerfile_installs_the_pinned_requirements() -> None:
 
 def test_env_example_holds_placeholders_only() -> None:
     values = dict(
-        line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
+        line.split("=", 1)
+        for line in (ROOT / ".env.example").read_text().splitlines()
         if line and not line.startswith("#")
     )
     assert values["AIRFLOW_JWT_SECRET"] == values["_AIRFLOW_WWW_USER_PASSWORD"] == "change-me"

@@ -45,7 +45,13 @@ def test_every_dag_has_tags_docs_retries_and_no_catchup(dag_bag):
 def test_pipeline_runs_one_at_a_time_on_a_configurable_schedule(dag_bag, monkeypatch):
     dag = dag_bag.dags["triggers_pipeline"]
     assert dag.max_active_runs == 1
-    assert [t.task_id for t in dag.topological_sort()] == ["authenticate", "drain", "match", "deliver", "report"]
+    assert [t.task_id for t in dag.topological_sort()] == [
+        "authenticate",
+        "drain",
+        "match",
+        "deliver",
+        "report",
+    ]
     # a data-interval timetable: scheduled and backfilled runs get real intervals, not zero-width ones
     assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"
     assert dag.timetable.expression == os.environ.get("TRIGGERS_SCHEDULE", "* * * * *")

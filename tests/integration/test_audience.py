@@ -38,20 +38,24 @@ def table(engine: Engine) -> pd.DataFrame:
 def test_load_inserts_validates_and_reports_rejections_by_line(engine: Engine, tmp_path: Path) -> None:
     path = write(
         tmp_path / "people.csv",
-        "r1,ann@example.com,Ann,Lee,fr_FR,S1,MC1,false\n"          # line 2
-        " r2 , bob@example.com ,Bob,,,S2,,YES\n"                   # 3: trimmed, opted out
-        ",nobody@example.com,,,,,,\n"                             # 4: no id
-        "r1,again@example.com,,,,,,\n"                            # 5: duplicate id
-        "r3,cid@example.com,,,,,,maybe\n"                         # 6: bad flag
-        "r4,dan@example.com,,,,S1,,0\n"                           # 7: S1 is r1's
-        "r5,not an address,,,,S5,MC5,\n"                          # 8: loaded, invalid email
-        "r6,eve@example.com,,,,,MC5,no\n",                        # 9: MC5 is r5's
+        "r1,ann@example.com,Ann,Lee,fr_FR,S1,MC1,false\n"  # line 2
+        " r2 , bob@example.com ,Bob,,,S2,,YES\n"  # 3: trimmed, opted out
+        ",nobody@example.com,,,,,,\n"  # 4: no id
+        "r1,again@example.com,,,,,,\n"  # 5: duplicate id
+        "r3,cid@example.com,,,,,,maybe\n"  # 6: bad flag
+        "r4,dan@example.com,,,,S1,,0\n"  # 7: S1 is r1's
+        "r5,not an address,,,,S5,MC5,\n"  # 8: loaded, invalid email
+        "r6,eve@example.com,,,,,MC5,no\n",  # 9: MC5 is r5's
     )
     report = load_recipients(engine, path, chunk_size=3)  # chunks split the duplicates apart
     assert report["loaded"] == 3 and report["inserted"] == 3 and report["updated"] == 0
     assert report["rejected"] == 5
     assert report["reasons"] == {
-        "missing_recipient_id": 1, "duplicate_recipient_id": 1, "bad_opted_out": 1, "shopper_id_taken": 1, "mc_id_taken": 1,
+        "missing_recipient_id": 1,
+        "duplicate_recipient_id": 1,
+        "bad_opted_out": 1,
+        "shopper_id_taken": 1,
+        "mc_id_taken": 1,
     }
     assert report["invalid_email"] == 1
     assert any(e.startswith("line 4:") for e in report["examples"])
@@ -59,7 +63,11 @@ def test_load_inserts_validates_and_reports_rejections_by_line(engine: Engine, t
     people = table(engine)
     assert people.index.tolist() == ["r1", "r2", "r5"]
     assert people.loc["r1", ["email", "first_name", "locale", "shopper_id", "mc_id"]].tolist() == [
-        "ann@example.com", "Ann", "fr_FR", "S1", "MC1",
+        "ann@example.com",
+        "Ann",
+        "fr_FR",
+        "S1",
+        "MC1",
     ]
     assert people.loc["r2", "email"] == "bob@example.com" and people.loc["r2", "opted_out"]
     assert pd.isna(people.loc["r2", "last_name"]) and pd.isna(people.loc["r2", "mc_id"])  # '' is NULL
@@ -67,15 +75,27 @@ def test_load_inserts_validates_and_reports_rejections_by_line(engine: Engine, t
 
 
 def test_reload_updates_and_never_clears_an_opt_out_silently(engine: Engine, tmp_path: Path) -> None:
-    load_recipients(engine, write(tmp_path / "a.csv", "r1,ann@example.com,Ann,,,S1,MC1,true\nr2,bob@example.com,,,,S2,,false\n"))
+    load_recipients(
+        engine,
+        write(tmp_path / "a.csv", "r1,ann@example.com,Ann,,,S1,MC1,true\nr2,bob@example.com,,,,S2,,false\n"),
+    )
     # a file without the opted_out column, and a row with it empty: the flags stay
     report = load_recipients(
         engine,
-        write(tmp_path / "b.csv", "r1,ann@new.example,Annie,S9\nr3,cid@example.com,,\n", header="recipient_id,email,first_name,shopper_id\n"),
+        write(
+            tmp_path / "b.csv",
+            "r1,ann@new.example,Annie,S9\nr3,cid@example.com,,\n",
+            header="recipient_id,email,first_name,shopper_id\n",
+        ),
     )
     assert (report["inserted"], report["updated"], report["rejected"]) == (1, 1, 0)
     people = table(engine)
-    assert people.loc["r1", ["email", "first_name", "shopper_id", "mc_id"]].tolist() == ["ann@new.example", "Annie", "S9", "MC1"]
+    assert people.loc["r1", ["email", "first_name", "shopper_id", "mc_id"]].tolist() == [
+        "ann@new.example",
+        "Annie",
+        "S9",
+        "MC1",
+    ]
     assert people.loc["r1", "opted_out"] and not people.loc["r3", "opted_out"]
     load_recipients(engine, write(tmp_path / "c.csv", "r1,ann@new.example,,,,,,\n"))
     assert table(engine).loc["r1", "opted_out"]
@@ -92,7 +112,9 @@ def test_reload_updates_and_never_clears_an_opt_out_silently(engine: Engine, tmp
         ("", "cannot read the audience file"),
     ],
 )
-def test_a_bad_header_is_a_clear_error_and_loads_nothing(engine: Engine, tmp_path: Path, header: str, expected: str) -> None:
+def test_a_bad_header_is_a_clear_error_and_loads_nothing(
+    engine: Engine, tmp_path: Path, header: str, expected: str
+) -> None:
     path = tmp_path / "bad.csv"
     path.write_text(header + ("r1,x@example.com\n" if header else ""))
     with pytest.raises(AudienceError, match=expected.replace("(", r"\(").replace(")", r"\)")):
@@ -124,8 +146,20 @@ def test_the_cli_command_loads_and_prints_the_report(
 
 def test_email_syntax_and_opted_out_words() -> None:
     emails = pd.Series(
-        ["a@b.co", "first.last+tag@sub.example.org", None, "", "a@b", "a b@c.de", "a@@b.de", "a@b.de\r\nBcc: x@y.z",
-         "a,b@c.de", "<a@b.de>", "a@.de", "a@b..de"]
+        [
+            "a@b.co",
+            "first.last+tag@sub.example.org",
+            None,
+            "",
+            "a@b",
+            "a b@c.de",
+            "a@@b.de",
+            "a@b.de\r\nBcc: x@y.z",
+            "a,b@c.de",
+            "<a@b.de>",
+            "a@.de",
+            "a@b..de",
+        ]
     )
     assert email_is_valid(emails).tolist() == [True, True] + [False] * 10
     flags = parse_opted_out(pd.Series(["true", "FALSE", "1", "0", "Yes", "no", "", "maybe"]))

@@ -85,8 +85,14 @@ def write_config(path: Path) -> Path:
 
 def cli_import(env: dict[str, str], export: Path) -> dict[str, int]:
     """``python -m include.cli import EXPORT``: the one command the user runs."""
-    done = subprocess.run([sys.executable, "-m", "include.cli", "import", str(export)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "include.cli", "import", str(export)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -114,18 +120,25 @@ def rows(engine: Engine, sql: str, **params: Any) -> list[Any]:
 
 
 def new_events_per_hour(engine: Engine) -> dict[float, int]:
-    counts = rows(engine, "SELECT CAST(time_gmt / 3600 AS INTEGER) * 3600, COUNT(*) FROM pipeline_events "
-                          "WHERE status = 'new' GROUP BY 1")
+    counts = rows(
+        engine,
+        "SELECT CAST(time_gmt / 3600 AS INTEGER) * 3600, COUNT(*) FROM pipeline_events "
+        "WHERE status = 'new' GROUP BY 1",
+    )
     return {float(hour): count for hour, count in counts}
 
 
 def run_counts(engine: Engine, run_id: str) -> dict[str, Any]:
     """The counts the run's report task stored in ``pipeline_runs``."""
-    return json.loads(rows(engine, "SELECT counts FROM pipeline_runs WHERE run_id = :run_id", run_id=run_id)[0].counts)
+    return json.loads(
+        rows(engine, "SELECT counts FROM pipeline_runs WHERE run_id = :run_id", run_id=run_id)[0].counts
+    )
 
 
 def deliveries_snapshot(engine: Engine) -> set[tuple]:
-    return set(rows(engine, "SELECT delivery_id, status, reason, attempts, sent_at, claimed_by FROM deliveries"))
+    return set(
+        rows(engine, "SELECT delivery_id, status, reason, attempts, sent_at, claimed_by FROM deliveries")
+    )
 
 
 def _run_path(run_id: str) -> str:
@@ -144,13 +157,16 @@ def task_instances(airflow: AirflowHarness, run_id: str) -> dict[str, dict[str, 
 def task_logs(airflow: AirflowHarness, run_id: str | None = None) -> str:
     """The end of each task log of the run (or of every run): why a task failed."""
     pattern = f"dag_id={DAG_ID}/run_id={run_id or '*'}/task_id=*/*.log"
-    tails = [f"--- {path.relative_to(airflow.home)}\n{path.read_text(errors='replace')[-2500:]}"
-             for path in sorted((airflow.home / "logs").glob(pattern))]
+    tails = [
+        f"--- {path.relative_to(airflow.home)}\n{path.read_text(errors='replace')[-2500:]}"
+        for path in sorted((airflow.home / "logs").glob(pattern))
+    ]
     return "\n".join(tails[-10:])
 
 
-def wait_for_runs(airflow: AirflowHarness, done: Callable[[dict[str, dict[str, Any]]], Any], what: str,
-                  timeout: float) -> dict[str, dict[str, Any]]:
+def wait_for_runs(
+    airflow: AirflowHarness, done: Callable[[dict[str, dict[str, Any]]], Any], what: str, timeout: float
+) -> dict[str, dict[str, Any]]:
     """Poll the backfill runs until ``done(runs)``; a failed run fails at once, with its task logs."""
 
     def check() -> dict[str, dict[str, Any]] | None:
@@ -181,21 +197,38 @@ def test_import_then_backfill_three_hours_sends_each_email_once(tmp_path: Path) 
     config_path = write_config(tmp_path / "triggers.yaml")
     audience = write_audience_csv(tmp_path / "audience.csv", PEOPLE)
     engine = make_engine(staging_url)
-    upgrade_schema(engine, load_config(config_path, ROOT / "include" / "templates").dimensions)  # `db upgrade`
+    upgrade_schema(
+        engine, load_config(config_path, ROOT / "include" / "templates").dimensions
+    )  # `db upgrade`
 
-    with LocalSmtpServer("127.0.0.1") as smtp, AirflowHarness(tmp_path / "airflow", env={
-        "TRIGGERS_DB_URL": staging_url,
-        "TRIGGERS_CONFIG": str(config_path),
-        "TRIGGERS_SCHEDULE": "0 * * * *",  # one run per hour of data
-        "TRIGGERS_TOKEN_CACHE": str(tmp_path / "token-cache"),
-        "AIRFLOW_CONN_SMTP_DEFAULT": json.dumps({
-            "conn_type": "smtp", "host": "127.0.0.1", "port": smtp.port,
-            "extra": {"disable_ssl": True, "disable_tls": True, "from_email": f"shop@{SENDER_DOMAIN}"}}),
-        # the backfill's runs only: a scheduled run would match every ready event, imported ones too
-        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",  # no task of a paused DAG is scheduled
-        "AIRFLOW__CORE__PARALLELISM": "4",
-    }) as airflow:
+    with (
+        LocalSmtpServer("127.0.0.1") as smtp,
+        AirflowHarness(
+            tmp_path / "airflow",
+            env={
+                "TRIGGERS_DB_URL": staging_url,
+                "TRIGGERS_CONFIG": str(config_path),
+                "TRIGGERS_SCHEDULE": "0 * * * *",  # one run per hour of data
+                "TRIGGERS_TOKEN_CACHE": str(tmp_path / "token-cache"),
+                "AIRFLOW_CONN_SMTP_DEFAULT": json.dumps(
+                    {
+                        "conn_type": "smtp",
+                        "host": "127.0.0.1",
+                        "port": smtp.port,
+                        "extra": {
+                            "disable_ssl": True,
+                            "disable_tls": True,
+                            "from_email": f"shop@{SENDER_DOMAIN}",
+                        },
+                    }
+                ),
+                # the backfill's runs only: a scheduled run would match every ready event, imported ones too
+                "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+                "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",  # no task of a paused DAG is scheduled
+                "AIRFLOW__CORE__PARALLELISM": "4",
+            },
+        ) as airflow,
+    ):
         try:
             migrate = airflow.cli_in_background("db", "migrate")
 
@@ -207,8 +240,11 @@ def test_import_then_backfill_three_hours_sends_each_email_once(tmp_path: Path) 
             assert all(ready_per_hour.get(start, 0) > 50 for start, _ in BACKFILLED), ready_per_hour
             assert sum(n for hour, n in ready_per_hour.items() if not RANGE_START <= hour < RANGE_END) > 50
             expected_decisions = one_pass_decisions(tmp_path, config_path, audience, export)
-            expected_emails = {f"<{delivery_id}@{SENDER_DOMAIN}>"
-                               for delivery_id, status, _ in expected_decisions if status == "pending"}
+            expected_emails = {
+                f"<{delivery_id}@{SENDER_DOMAIN}>"
+                for delivery_id, status, _ in expected_decisions
+                if status == "pending"
+            }
             assert len(expected_emails) > 30, "too few emails to tell anything"
             step(f"imported {EVENTS} events; {len(expected_emails)} emails expected")
 
@@ -218,19 +254,40 @@ def test_import_then_backfill_three_hours_sends_each_email_once(tmp_path: Path) 
             airflow.cli("dags", "reserialize")  # what the dag-processor does, once
             step("DAG serialised")
             airflow.wait_until_healthy()
-            dag = wait_for(f"{DAG_ID} in the API", lambda: airflow.api(f"/dags/{DAG_ID}"), 60,
-                           processes=airflow.processes, explain=airflow.log_tail)
+            dag = wait_for(
+                f"{DAG_ID} in the API",
+                lambda: airflow.api(f"/dags/{DAG_ID}"),
+                60,
+                processes=airflow.processes,
+                explain=airflow.log_tail,
+            )
             assert dag["is_paused"] is False, dag
             step("Airflow up")
 
             # the backfill, as the README tells the user to run it
-            airflow.cli("backfill", "create", "--dag-id", DAG_ID, "--from-date", _iso(RANGE_START),
-                        "--to-date", _iso(BACKFILLED[-1][0]), "--max-active-runs", "1")
-            runs = wait_for_runs(airflow, lambda runs: len(runs) == 3 and all(r["state"] == "success" for r in runs.values()),
-                                 "the three backfill runs to succeed", 150)
+            airflow.cli(
+                "backfill",
+                "create",
+                "--dag-id",
+                DAG_ID,
+                "--from-date",
+                _iso(RANGE_START),
+                "--to-date",
+                _iso(BACKFILLED[-1][0]),
+                "--max-active-runs",
+                "1",
+            )
+            runs = wait_for_runs(
+                airflow,
+                lambda runs: len(runs) == 3 and all(r["state"] == "success" for r in runs.values()),
+                "the three backfill runs to succeed",
+                150,
+            )
             step("three backfill runs succeeded")
-            intervals = {run_id: (_unix(run["data_interval_start"]), _unix(run["data_interval_end"]))
-                         for run_id, run in runs.items()}
+            intervals = {
+                run_id: (_unix(run["data_interval_start"]), _unix(run["data_interval_end"]))
+                for run_id, run in runs.items()
+            }
             assert sorted(intervals.values()) == BACKFILLED
             assert {run["run_type"] for run in runs.values()} == {"backfill"}
 
@@ -239,25 +296,42 @@ def test_import_then_backfill_three_hours_sends_each_email_once(tmp_path: Path) 
             for run_id, (start, end) in intervals.items():
                 tis = task_instances(airflow, run_id)
                 assert {ti["state"] for ti in tis.values()} == {"success"}, tis
-                match_started, match_ended = _unix(tis["match"]["start_date"]), _unix(tis["match"]["end_date"])
-                decided_by_run = {e.event_id for e in events
-                                  if e.processed_at is not None and match_started <= e.processed_at <= match_ended}
+                match_started, match_ended = (
+                    _unix(tis["match"]["start_date"]),
+                    _unix(tis["match"]["end_date"]),
+                )
+                decided_by_run = {
+                    e.event_id
+                    for e in events
+                    if e.processed_at is not None and match_started <= e.processed_at <= match_ended
+                }
                 of_hour = {e.event_id for e in events if start <= e.time_gmt < end and e.status != "ignored"}
-                assert decided_by_run == of_hour, f"{run_id}: decided {len(decided_by_run)}, hour has {len(of_hour)}"
-                matched = airflow.api(f"{_run_path(run_id)}/taskInstances/match/xcomEntries/return_value")["value"]
+                assert decided_by_run == of_hour, (
+                    f"{run_id}: decided {len(decided_by_run)}, hour has {len(of_hour)}"
+                )
+                matched = airflow.api(f"{_run_path(run_id)}/taskInstances/match/xcomEntries/return_value")[
+                    "value"
+                ]
                 assert matched["ready"] == ready_per_hour[start] == len(of_hour), (run_id, matched)
-                sent_by_run = rows(engine, "SELECT event_time FROM deliveries WHERE status = 'sent' "
-                                           "AND claimed_by LIKE :prefix", prefix=f"{run_id}|%")
+                sent_by_run = rows(
+                    engine,
+                    "SELECT event_time FROM deliveries WHERE status = 'sent' AND claimed_by LIKE :prefix",
+                    prefix=f"{run_id}|%",
+                )
                 counts = run_counts(engine, run_id)
                 assert counts["drained"] == 0, counts  # a backfill run never drains the journal
                 assert counts["sent"] == len(sent_by_run) > 0, counts
                 assert all(start <= sent.event_time < end for sent in sent_by_run), run_id
             # ... the hours either side are untouched ...
-            assert {e.status for e in events if not RANGE_START <= e.time_gmt < RANGE_END} == {"new", "ignored"}
+            assert {e.status for e in events if not RANGE_START <= e.time_gmt < RANGE_END} == {
+                "new",
+                "ignored",
+            }
             # ... and the hour-by-hour decisions are those of one pass over the range, then sent
             decided = rows(engine, "SELECT delivery_id, status, reason FROM deliveries")
-            assert {(d.delivery_id, "pending" if d.status == "sent" else d.status, d.reason)
-                    for d in decided} == expected_decisions
+            assert {
+                (d.delivery_id, "pending" if d.status == "sent" else d.status, d.reason) for d in decided
+            } == expected_decisions
 
             # every expected email went out, once
             received = smtp.message_ids()
@@ -270,15 +344,25 @@ def test_import_then_backfill_three_hours_sends_each_email_once(tmp_path: Path) 
             start, end = BACKFILLED[1]
             (run_id,) = [run_id for run_id, interval in intervals.items() if interval == BACKFILLED[1]]
             with engine.begin() as conn:
-                conn.execute(text("UPDATE pipeline_events SET status = 'new', processed_at = NULL "
-                                  "WHERE time_gmt >= :start AND time_gmt < :end AND status != 'ignored'"),
-                             {"start": start, "end": end})
+                conn.execute(
+                    text(
+                        "UPDATE pipeline_events SET status = 'new', processed_at = NULL "
+                        "WHERE time_gmt >= :start AND time_gmt < :end AND status != 'ignored'"
+                    ),
+                    {"start": start, "end": end},
+                )
             decided_before = deliveries_snapshot(engine)
             before_rerun = time.time()
             airflow.api(f"{_run_path(run_id)}/clear", {"dry_run": False})
             rerun = wait_for_runs(
-                airflow, lambda runs: runs[run_id]["state"] == "success" and _unix(runs[run_id]["end_date"] or "1970-01-01T00:00Z") > before_rerun,
-                f"the rerun of {run_id}", 90)[run_id]
+                airflow,
+                lambda runs: (
+                    runs[run_id]["state"] == "success"
+                    and _unix(runs[run_id]["end_date"] or "1970-01-01T00:00Z") > before_rerun
+                ),
+                f"the rerun of {run_id}",
+                90,
+            )[run_id]
             step("rerun of the middle hour succeeded")
             assert rerun["run_type"] == "backfill"
             counts = run_counts(engine, run_id)

@@ -66,26 +66,114 @@ def _seed_staging(url: str, now: float) -> dict[str, int]:
                 break
             status = "new" if received > now - 40 else ("matched", "unmatched", "matched", "ignored")[i % 4]
             processed = None if status in ("new", "ignored") else received + 1.5
-            rows.append((f"e{number}", f"p{number}", "customer_dev", "3e8a2ba7", received - 20, received,
-                         status, processed, "{}"))
+            rows.append(
+                (
+                    f"e{number}",
+                    f"p{number}",
+                    "customer_dev",
+                    "3e8a2ba7",
+                    received - 20,
+                    received,
+                    status,
+                    processed,
+                    "{}",
+                )
+            )
             number += 1
-    emails = [(f"d{i}", "cart_abandonment", f"r{i}", f"r{i}@example.com", f"e{i}", now - HOUR, now - HOUR,
-               status, reason, 1)
-              for i, (status, reason) in enumerate([("sent", None)] * 25 + [("failed", None)] * 2
-                                                   + [("suppressed", "opted_out")] * 3)]
+    emails = [
+        (
+            f"d{i}",
+            "cart_abandonment",
+            f"r{i}",
+            f"r{i}@example.com",
+            f"e{i}",
+            now - HOUR,
+            now - HOUR,
+            status,
+            reason,
+            1,
+        )
+        for i, (status, reason) in enumerate(
+            [("sent", None)] * 25 + [("failed", None)] * 2 + [("suppressed", "opted_out")] * 3
+        )
+    ]
     with engine.begin() as conn:
-        bulk_write(conn, table, ["event_id", "position", "consumer", "trigger_id", "time_gmt", "received_at",
-                                 "status", "processed_at", "payload"], rows)
-        bulk_write(conn, pipeline_state, ["consumer", "position", "pipeline_host", "last_fetch_at", "events_received",
-                                          "events_quarantined", "events_ignored", "events_duplicate",
-                                          "requests_retried"],
-                   [("customer_dev", f"p{number - 1}", "http://127.0.0.1:8765", now - 12, number + 40, 0,
-                     number // 4, 40, 3)])
-        bulk_write(conn, deliveries, ["delivery_id", "campaign_id", "recipient_id", "email", "event_id", "event_time",
-                                      "decided_at", "status", "reason", "attempts"], emails)
-        bulk_write(conn, pipeline_runs, ["run_id", "started_at", "finished_at", "counts", "lag_seconds"],
-                   [(f"scheduled__{i}", now - 60 * i - 55, now - 60 * i - 50,
-                     json.dumps({"drained": 210, "matched": 105, "sent": 8}), 4.0) for i in range(1, 4)])
+        bulk_write(
+            conn,
+            table,
+            [
+                "event_id",
+                "position",
+                "consumer",
+                "trigger_id",
+                "time_gmt",
+                "received_at",
+                "status",
+                "processed_at",
+                "payload",
+            ],
+            rows,
+        )
+        bulk_write(
+            conn,
+            pipeline_state,
+            [
+                "consumer",
+                "position",
+                "pipeline_host",
+                "last_fetch_at",
+                "events_received",
+                "events_quarantined",
+                "events_ignored",
+                "events_duplicate",
+                "requests_retried",
+            ],
+            [
+                (
+                    "customer_dev",
+                    f"p{number - 1}",
+                    "http://127.0.0.1:8765",
+                    now - 12,
+                    number + 40,
+                    0,
+                    number // 4,
+                    40,
+                    3,
+                )
+            ],
+        )
+        bulk_write(
+            conn,
+            deliveries,
+            [
+                "delivery_id",
+                "campaign_id",
+                "recipient_id",
+                "email",
+                "event_id",
+                "event_time",
+                "decided_at",
+                "status",
+                "reason",
+                "attempts",
+            ],
+            emails,
+        )
+        bulk_write(
+            conn,
+            pipeline_runs,
+            ["run_id", "started_at", "finished_at", "counts", "lag_seconds"],
+            [
+                (
+                    f"scheduled__{i}",
+                    now - 60 * i - 55,
+                    now - 60 * i - 50,
+                    json.dumps({"drained": 210, "matched": 105, "sent": 8}),
+                    4.0,
+                )
+                for i in range(1, 4)
+            ],
+        )
     engine.dispose()
     return {"received": number + 40, "sent": 25, "failed": 2}
 
@@ -119,10 +207,21 @@ def airflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
             # parses the dags folder into the metadata database, the dag-processor's job
             harness.cli("dags", "test", "triggers_purge")
             harness.wait_until_healthy(60)
-            wait_for("triggers_purge in the DAG list", lambda: harness.api("/dags/triggers_purge").get("is_stale") is False,
-                     60, processes=harness.processes, explain=harness.log_tail)
+            wait_for(
+                "triggers_purge in the DAG list",
+                lambda: harness.api("/dags/triggers_purge").get("is_stale") is False,
+                60,
+                processes=harness.processes,
+                explain=harness.log_tail,
+            )
             token = harness.api_token()
-            yield {"base": harness.base_url, "password": harness.password, "token": token, "expected": expected, "now": now}
+            yield {
+                "base": harness.base_url,
+                "password": harness.password,
+                "token": token,
+                "expected": expected,
+                "now": now,
+            }
         except BaseException:
             print(harness.log_tail(5000))
             raise
@@ -138,22 +237,46 @@ class Browser:
         from websockets.sync.client import connect
 
         self.process = subprocess.Popen(
-            [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}",
-             f"--window-size={width},{height}", "--remote-debugging-address=127.0.0.1",
-             "--remote-debugging-port=0", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            [
+                str(CHROMIUM),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile}",
+                f"--window-size={width},{height}",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
         )
         endpoint = self._devtools_endpoint()
-        targets = wait_for("a Chromium page", lambda: [t for t in _http_json(f"{endpoint}/json/list")
-                                                       if t["type"] == "page"], 20)
+        targets = wait_for(
+            "a Chromium page",
+            lambda: [t for t in _http_json(f"{endpoint}/json/list") if t["type"] == "page"],
+            20,
+        )
         self.socket = connect(targets[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=10)
         self.next_id = 0
         self.send("Page.enable")
         self.send("Runtime.enable")
-        self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
-                  mobile=False)
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
 
     def _devtools_endpoint(self) -> str:
         found: list[str] = []
@@ -190,7 +313,10 @@ class Browser:
         """Poll ``expression`` (a JS string) until it contains every needle; return it."""
 
         def check() -> str | None:
-            text = self.evaluate(f"(() => {{ try {{ return {expression}; }} catch (e) {{ return ''; }} }})()") or ""
+            text = (
+                self.evaluate(f"(() => {{ try {{ return {expression}; }} catch (e) {{ return ''; }} }})()")
+                or ""
+            )
             return text if all(needle in text for needle in needles) else None
 
         try:
@@ -236,7 +362,9 @@ def test_sign_in_then_the_purge_dag_grid(airflow: dict[str, Any], browser: Brows
         browser.send("Input.insertText", text=value)
     browser.evaluate("document.querySelector('button[type=submit]').click()")
 
-    text = browser.wait_for_text("document.body.innerText", "triggers_purge", "Triggers status", "purge_expired_rows")
+    text = browser.wait_for_text(
+        "document.body.innerText", "triggers_purge", "Triggers status", "purge_expired_rows"
+    )
     assert "maintenance" in text  # a tag of the DAG
     assert "Sign in" not in text
     browser.evaluate("new Promise(resolve => setTimeout(resolve, 1500))")  # the grid's bars settle
@@ -256,7 +384,9 @@ def test_triggers_status_view_in_the_airflow_ui(airflow: dict[str, Any], browser
         ".map(bar => bar.getBoundingClientRect().height)"
     )
     assert len(bars) == 72 and sum(1 for height in bars if height > 1) >= 70  # drawn, not just present
-    nav = browser.evaluate("document.querySelector('nav') ? document.querySelector('nav').innerText : document.body.innerText")
+    nav = browser.evaluate(
+        "document.querySelector('nav') ? document.querySelector('nav').innerText : document.body.innerText"
+    )
     assert "Triggers status" in nav
     browser.evaluate("new Promise(resolve => setTimeout(resolve, 500))")
     browser.screenshot(SCREENSHOTS / "airflow-triggers-status.png")

@@ -87,12 +87,18 @@ def simulator(key_pair, request):
     sim.stop()
 
 
-def credentials_for(sim: Simulator, key_pair: tuple[Path, Path], auth: str = "jwt", **overrides) -> PipelineCredentials:
+def credentials_for(
+    sim: Simulator, key_pair: tuple[Path, Path], auth: str = "jwt", **overrides
+) -> PipelineCredentials:
     options = sim.options
     fields = dict(
-        pipeline_url=sim.url, ims_url=sim.url, client_id=options.client_id,
-        client_secret=options.client_secret, org_id=options.org_id,
-        technical_account_id=options.technical_account_id, auth=auth,
+        pipeline_url=sim.url,
+        ims_url=sim.url,
+        client_id=options.client_id,
+        client_secret=options.client_secret,
+        org_id=options.org_id,
+        technical_account_id=options.technical_account_id,
+        auth=auth,
         private_key=key_pair[0].read_bytes() if auth == "jwt" else b"",
     )
     fields.update(overrides)
@@ -124,6 +130,7 @@ def stored_position(engine) -> str | None:
 
 
 # --- authentication ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("auth", ["jwt", "oauth"])
 def test_token_lifetime_is_read_in_the_unit_of_each_mode(key_pair, auth):
@@ -166,9 +173,16 @@ def test_wrong_client_secret_names_the_fix_without_printing_it(simulator, key_pa
 
 
 def test_connection_json_round_trips_into_credentials(key_pair):
-    document = json.loads(connection_json(
-        host="http://127.0.0.1:8765", client_id="cid", client_secret="sec", org_id="o@AdobeOrg",
-        technical_account_id="t@techacct.adobe.com", private_key_path=str(key_pair[0])))
+    document = json.loads(
+        connection_json(
+            host="http://127.0.0.1:8765",
+            client_id="cid",
+            client_secret="sec",
+            org_id="o@AdobeOrg",
+            technical_account_id="t@techacct.adobe.com",
+            private_key_path=str(key_pair[0]),
+        )
+    )
 
     class Conn:
         host, login, password = document["host"], document["login"], document["password"]
@@ -180,10 +194,13 @@ def test_connection_json_round_trips_into_credentials(key_pair):
 
 # --- the journal table of SPEC section 2 ------------------------------------------------------
 
+
 def client_for(sim, key_pair, *, retry_validity=20.0, sleeps=None) -> JournalClient:
     return JournalClient(
-        ImsAuthenticator(credentials_for(sim, key_pair)), "customer_dev",
-        retry_validity=retry_validity, sleep=(sleeps.append if sleeps is not None else time.sleep),
+        ImsAuthenticator(credentials_for(sim, key_pair)),
+        "customer_dev",
+        retry_validity=retry_validity,
+        sleep=(sleeps.append if sleeps is not None else time.sleep),
     )
 
 
@@ -237,7 +254,11 @@ def test_400_fails_with_a_clear_error(simulator, key_pair):
 
 def test_403_fails_fast_without_retrying(simulator, key_pair):
     client = JournalClient(ImsAuthenticator(credentials_for(simulator, key_pair)), "someone_else")
-    before = sum(simulator.stats.get("journal_requests", {}).values()) if isinstance(simulator.stats.get("journal_requests"), dict) else None
+    before = (
+        sum(simulator.stats.get("journal_requests", {}).values())
+        if isinstance(simulator.stats.get("journal_requests"), dict)
+        else None
+    )
     with pytest.raises(NotEntitledError, match="pipeline.consumer"):
         client.fetch(None, 10)
     assert client.retries == 0
@@ -262,7 +283,9 @@ def test_410_fails_by_default_and_can_restart_from_oldest(simulator, key_pair, t
     from include.staging.stager import Stager
 
     stager = Stager(engine, config())
-    stager.stage(stager.parser.parse_page(json.dumps(first).encode(), time.time()), pipeline_host="h", fetched_at=0)
+    stager.stage(
+        stager.parser.parse_page(json.dumps(first).encode(), time.time()), pipeline_host="h", fetched_at=0
+    )
     simulator.publish(400)  # the stored position falls out of retention
     with pytest.raises(JournalGoneError, match="on_gone: restart_from_oldest"):
         drain(engine, config(), journal(authenticator))
@@ -274,9 +297,12 @@ def test_410_fails_by_default_and_can_restart_from_oldest(simulator, key_pair, t
 
 # --- staging ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("auth", ["jwt", "oauth"])
 @pytest.mark.parametrize(
-    "simulator", [{"events": 3000, "malformed_share": 0.04, "duplicate_share": 0.05, "bare_share": 0.1}], indirect=True
+    "simulator",
+    [{"events": 3000, "malformed_share": 0.04, "duplicate_share": 0.05, "bare_share": 0.1}],
+    indirect=True,
 )
 def test_drain_stages_each_event_once_with_quarantine_and_ignored(simulator, key_pair, engine, auth):
     authenticator = ImsAuthenticator(credentials_for(simulator, key_pair, auth))
@@ -287,8 +313,11 @@ def test_drain_stages_each_event_once_with_quarantine_and_ignored(simulator, key
     with engine.connect() as conn:
         by_status = dict(conn.execute(select(table.c.status, func.count()).group_by(table.c.status)).all())
         reasons = {r for (r,) in conn.execute(select(table.c.reason).where(table.c.status == "quarantined"))}
-        cart = conn.execute(select(table.c.dim_evar01, table.c.dim_pagename, table.c.time_gmt)
-                            .where(table.c.trigger_id == CART, table.c.status == "new").limit(1)).one()
+        cart = conn.execute(
+            select(table.c.dim_evar01, table.c.dim_pagename, table.c.time_gmt)
+            .where(table.c.trigger_id == CART, table.c.status == "new")
+            .limit(1)
+        ).one()
     assert sum(by_status.values()) == report.staged
     # the report counts messages as received (repeats included); the table holds each once
     assert 0 < by_status["quarantined"] <= report.quarantined and 0 < by_status["ignored"] <= report.ignored
@@ -334,7 +363,9 @@ def test_the_same_page_staged_twice_is_stored_once(simulator, key_pair, engine):
 def test_a_dimension_added_to_the_configuration_is_filled_for_staged_events(simulator, key_pair, engine):
     authenticator = ImsAuthenticator(credentials_for(simulator, key_pair))
     drain(engine, config(), journal(authenticator))
-    wider = parse_config(CONFIG_YAML.replace("where: [", "where: [{dimension: products, op: contains, value: SKU}, "))
+    wider = parse_config(
+        CONFIG_YAML.replace("where: [", "where: [{dimension: products, op: contains, value: SKU}, ")
+    )
     table = upgrade_schema(engine, wider.dimensions)  # what `db upgrade` does with the wider configuration
     with engine.connect() as conn:
         filled = conn.execute(select(func.count()).where(table.c.dim_products.is_not(None))).scalar()
@@ -343,23 +374,34 @@ def test_a_dimension_added_to_the_configuration_is_filled_for_staged_events(simu
 
 # --- a drain killed with SIGKILL loses nothing and duplicates nothing -------------------------
 
+
 def test_sigkill_in_the_middle_of_a_drain_then_drain_again(key_pair, db_url, tmp_path):
     sim = start_simulator(key_pair, events=20_000, duplicate_share=0.02, malformed_share=0.01)
     try:
         environment = {
             **os.environ,
             "AIRFLOW_CONN_ADOBE_PIPELINE": connection_json(
-                host=sim.url, client_id=sim.options.client_id, client_secret=sim.options.client_secret,
-                org_id=sim.options.org_id, technical_account_id=sim.options.technical_account_id,
-                private_key_path=str(key_pair[0]), ims_url=sim.url),
+                host=sim.url,
+                client_id=sim.options.client_id,
+                client_secret=sim.options.client_secret,
+                org_id=sim.options.org_id,
+                technical_account_id=sim.options.technical_account_id,
+                private_key_path=str(key_pair[0]),
+                ims_url=sim.url,
+            ),
             "TRIGGERS_DB_URL": db_url,
             "AIRFLOW_HOME": str(tmp_path / "airflow"),
         }
         sim.faults.slow_seconds = 0.1  # long enough a drain to kill it half way
         engine = make_engine(db_url)
         upgrade_schema(engine, load_config().dimensions)  # the command drains with the default configuration
-        process = subprocess.Popen([sys.executable, "-m", "include.cli", "drain"], cwd=ROOT, env=environment,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "include.cli", "drain"],
+            cwd=ROOT,
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
             try:
@@ -374,8 +416,14 @@ def test_sigkill_in_the_middle_of_a_drain_then_drain_again(key_pair, db_url, tmp
         killed_at = len(staged_ids(engine))
         assert 0 < killed_at < 20_000
         sim.faults.clear()
-        rerun = subprocess.run([sys.executable, "-m", "include.cli", "drain"], cwd=ROOT, env=environment,
-                               capture_output=True, text=True, timeout=300)
+        rerun = subprocess.run(
+            [sys.executable, "-m", "include.cli", "drain"],
+            cwd=ROOT,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert rerun.returncode == 0, rerun.stderr[-2000:]
         after_kill = staged_ids(engine)
         engine.dispose()
@@ -391,9 +439,12 @@ def test_sigkill_in_the_middle_of_a_drain_then_drain_again(key_pair, db_url, tmp
     assert len(expected) < 20_000  # the journal did repeat some events
 
 
-@pytest.mark.parametrize("simulator", [{"events": 3000, "duplicate_share": 0.05, "malformed_share": 0.02}], indirect=True)
-def test_pages_that_arrive_during_a_write_join_the_next_transaction_up_to_a_cap(simulator, key_pair, engine, tmp_path,
-                                                                                monkeypatch):
+@pytest.mark.parametrize(
+    "simulator", [{"events": 3000, "duplicate_share": 0.05, "malformed_share": 0.02}], indirect=True
+)
+def test_pages_that_arrive_during_a_write_join_the_next_transaction_up_to_a_cap(
+    simulator, key_pair, engine, tmp_path, monkeypatch
+):
     import include.staging.drain as drain_module
     from include.staging.stager import Stager
 

@@ -53,7 +53,15 @@ limits:
 """
 CONFIG = parse_config(CONFIG_TEXT)
 EVENT_COLUMNS = [
-    "event_id", "position", "consumer", "trigger_id", "time_gmt", "received_at", "status", "mc_id", "payload",
+    "event_id",
+    "position",
+    "consumer",
+    "trigger_id",
+    "time_gmt",
+    "received_at",
+    "status",
+    "mc_id",
+    "payload",
     *(dimension_column(d) for d in CONFIG.dimensions),
 ]
 PEOPLE = [
@@ -73,8 +81,18 @@ def stage(engine: Engine, *events: dict[str, Any], status: str = "new") -> None:
             "dim_products": VALUE_SEPARATOR.join(event.get("products", [])) or None,
         }
         rows.append(
-            (event["id"], event["id"], "it", TRIGGERS[event["kind"]], event["t"], event["t"], event.get("status", status),
-             event.get("mc"), "{}", *(dims[c] for c in EVENT_COLUMNS[9:]))
+            (
+                event["id"],
+                event["id"],
+                "it",
+                TRIGGERS[event["kind"]],
+                event["t"],
+                event["t"],
+                event.get("status", status),
+                event.get("mc"),
+                "{}",
+                *(dims[c] for c in EVENT_COLUMNS[9:]),
+            )
         )
     with engine.begin() as conn:
         bulk_write(conn, table, EVENT_COLUMNS, rows)
@@ -83,14 +101,22 @@ def stage(engine: Engine, *events: dict[str, Any], status: str = "new") -> None:
 def audience(engine: Engine, people: list[tuple[Any, ...]] = PEOPLE) -> None:
     upgrade_schema(engine, CONFIG.dimensions)
     with engine.begin() as conn:
-        bulk_write(conn, recipients, ["recipient_id", "email", "shopper_id", "mc_id", "opted_out"], people, conflict="update")
+        bulk_write(
+            conn,
+            recipients,
+            ["recipient_id", "email", "shopper_id", "mc_id", "opted_out"],
+            people,
+            conflict="update",
+        )
 
 
 def deliveries_of(engine: Engine) -> pd.DataFrame:
     with engine.connect() as conn:
         return pd.read_sql(
-            text("SELECT delivery_id, campaign_id, recipient_id, email, event_id, event_time, status, reason, attempts "
-                 "FROM deliveries ORDER BY event_time, event_id, campaign_id"),
+            text(
+                "SELECT delivery_id, campaign_id, recipient_id, email, event_id, event_time, status, reason, attempts "
+                "FROM deliveries ORDER BY event_time, event_id, campaign_id"
+            ),
             conn,
         )
 
@@ -121,17 +147,33 @@ def test_a_run_decides_only_events_whose_windows_have_closed(staged: Engine) -> 
     # 20 minutes in: the carts (30 min unless) wait; browse, purchase, other are ready at once
     counts = match_ready_events(staged, CONFIG, now=T0 + 20 * MINUTE)
     assert counts == {
-        "ready": 4, "matched": 2, "unmatched": 2, "pending": 1, "suppressed_opted_out": 1,
+        "ready": 4,
+        "matched": 2,
+        "unmatched": 2,
+        "pending": 1,
+        "suppressed_opted_out": 1,
     }
     assert statuses(staged) == {
-        "cart-1": "new", "buy-1": "unmatched", "cart-2": "new", "browse-2": "matched", "browse-3": "matched",
-        "cart-x": "new", "cart-home": "new", "other-1": "unmatched",
+        "cart-1": "new",
+        "buy-1": "unmatched",
+        "cart-2": "new",
+        "browse-2": "matched",
+        "browse-3": "matched",
+        "cart-x": "new",
+        "cart-home": "new",
+        "other-1": "unmatched",
     }
     # exactly at the end of cart-1's window it is ready; cart-2 (a minute later) is not
     counts = match_ready_events(staged, CONFIG, now=T0 + 30 * MINUTE)
     assert counts["ready"] == 1 and counts["suppressed_cancelled_by:purchase"] == 1
     counts = match_ready_events(staged, CONFIG, now=T0 + HOUR)
-    assert counts == {"ready": 3, "matched": 2, "unmatched": 1, "pending": 1, "suppressed_unknown_recipient": 1}
+    assert counts == {
+        "ready": 3,
+        "matched": 2,
+        "unmatched": 1,
+        "pending": 1,
+        "suppressed_unknown_recipient": 1,
+    }
 
     decided = deliveries_of(staged)
     assert list(zip(decided["event_id"], decided["status"], decided["reason"].fillna(""), strict=True)) == [
@@ -196,13 +238,24 @@ def test_a_batch_that_cannot_be_written_stops_the_run_and_nothing_after_it_is_wr
 ) -> None:
     with staged.begin() as conn:  # the database refuses browse-2's decision
         if staged.dialect.name == "postgresql":
-            conn.execute(text(
-                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
-                "$$ BEGIN IF NEW.event_id = 'browse-2' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$"))
-            conn.execute(text("CREATE TRIGGER refuse BEFORE INSERT ON deliveries FOR EACH ROW EXECUTE FUNCTION refuse()"))
+            conn.execute(
+                text(
+                    "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$ BEGIN IF NEW.event_id = 'browse-2' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$"
+                )
+            )
+            conn.execute(
+                text(
+                    "CREATE TRIGGER refuse BEFORE INSERT ON deliveries FOR EACH ROW EXECUTE FUNCTION refuse()"
+                )
+            )
         else:
-            conn.execute(text("CREATE TRIGGER refuse BEFORE INSERT ON deliveries WHEN NEW.event_id = 'browse-2' "
-                              "BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+            conn.execute(
+                text(
+                    "CREATE TRIGGER refuse BEFORE INSERT ON deliveries WHEN NEW.event_id = 'browse-2' "
+                    "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                )
+            )
     monkeypatch.setattr(BatchWriter, "PROCESS_MIN_EVENTS", 1)
     with pytest.raises(Exception, match="refused"):
         match_ready_events(staged, CONFIG, now=T0 + HOUR, batch_size=2)
@@ -214,11 +267,17 @@ def test_a_batch_that_cannot_be_written_stops_the_run_and_nothing_after_it_is_wr
 
 def test_split_runs_on_this_database_write_what_one_run_writes(engine: Engine) -> None:
     audience(engine)
-    events = [
-        {"id": f"b{n:02d}", "kind": "browse", "mc": f"MC{1 + n % 2}", "t": T0 + n * 7 * HOUR} for n in range(8)
-    ] + [
-        {"id": f"c{n:02d}", "kind": "cart", "shopper": "S1", "products": ["A"], "t": T0 + n * 5 * HOUR} for n in range(6)
-    ] + [{"id": "p1", "kind": "purchase", "shopper": "S1", "products": ["A"], "t": T0 + 10 * HOUR + MINUTE}]
+    events = (
+        [
+            {"id": f"b{n:02d}", "kind": "browse", "mc": f"MC{1 + n % 2}", "t": T0 + n * 7 * HOUR}
+            for n in range(8)
+        ]
+        + [
+            {"id": f"c{n:02d}", "kind": "cart", "shopper": "S1", "products": ["A"], "t": T0 + n * 5 * HOUR}
+            for n in range(6)
+        ]
+        + [{"id": "p1", "kind": "purchase", "shopper": "S1", "products": ["A"], "t": T0 + 10 * HOUR + MINUTE}]
+    )
     stage(engine, *events)
     config = parse_config(CONFIG_TEXT.replace("max: 3", "max: 1"))
     for hours in (3, 9, 20, 21, 40):
@@ -236,8 +295,14 @@ def test_split_runs_on_this_database_write_what_one_run_writes(engine: Engine) -
 def test_dedupe_and_cap_remember_live_deliveries_but_not_failed_or_suppressed(engine: Engine) -> None:
     audience(engine)
     stage(engine, {"id": "b-new", "kind": "browse", "mc": "MC1", "t": T0})
-    base = {"campaign_id": "browse_abandonment", "recipient_id": "r1", "email": "ann@example.com",
-            "event_time": T0 - HOUR, "decided_at": T0, "attempts": 0}
+    base = {
+        "campaign_id": "browse_abandonment",
+        "recipient_id": "r1",
+        "email": "ann@example.com",
+        "event_time": T0 - HOUR,
+        "decided_at": T0,
+        "attempts": 0,
+    }
     upgrade_schema(engine, CONFIG.dimensions)
     from include.database.schema import deliveries
 
@@ -255,13 +320,24 @@ def test_dedupe_and_cap_remember_live_deliveries_but_not_failed_or_suppressed(en
 def test_the_cancelling_event_is_found_whatever_its_status(engine: Engine) -> None:
     audience(engine)
     stage(engine, {"id": "cart", "kind": "cart", "shopper": "S1", "products": ["A"], "t": T0})
-    stage(engine, {"id": "buy", "kind": "purchase", "shopper": "S1", "products": ["A"], "t": T0 + MINUTE}, status="unmatched")
+    stage(
+        engine,
+        {"id": "buy", "kind": "purchase", "shopper": "S1", "products": ["A"], "t": T0 + MINUTE},
+        status="unmatched",
+    )
     match_ready_events(engine, CONFIG, now=T0 + HOUR)
     assert deliveries_of(engine)["reason"].tolist() == ["cancelled_by:purchase"]
 
 
 def test_still_eligible_rechecks_opt_out_email_and_late_cancelling_events(engine: Engine) -> None:
-    audience(engine, [*PEOPLE, ("r4", "dan@example.com", "S4", "MC4", False), ("r5", "eve@example.com", "S5", "MC5", False)])
+    audience(
+        engine,
+        [
+            *PEOPLE,
+            ("r4", "dan@example.com", "S4", "MC4", False),
+            ("r5", "eve@example.com", "S5", "MC5", False),
+        ],
+    )
     stage(
         engine,
         {"id": "c1", "kind": "cart", "shopper": "S1", "products": ["A", "B"], "t": T0},
@@ -275,7 +351,9 @@ def test_still_eligible_rechecks_opt_out_email_and_late_cancelling_events(engine
     assert (pending["status"] == "pending").all() and len(pending) == 5
     # after the decision: r2 opts out, r4's address turns invalid, r1 buys SKU B (by mcId, late),
     # r5 buys something else
-    audience(engine, [("r2", "bob@example.com", "S2", "MC2", True), ("r4", "dan at example", "S4", "MC4", False)])
+    audience(
+        engine, [("r2", "bob@example.com", "S2", "MC2", True), ("r4", "dan at example", "S4", "MC4", False)]
+    )
     stage(
         engine,
         {"id": "late-buy", "kind": "purchase", "mc": "MC1", "products": ["B"], "t": T0 + 20 * MINUTE},
@@ -340,7 +418,12 @@ def test_an_event_set_back_to_new_by_hand_is_decided_again(staged: Engine) -> No
         conn.execute(text("DELETE FROM deliveries WHERE event_id = 'browse-2'"))
         conn.execute(text("UPDATE pipeline_events SET status = 'new' WHERE event_id = 'browse-2'"))
     assert frontier_of(staged)["T-BROWSE"][0] == T0 + 2 * MINUTE
-    assert match_ready_events(staged, CONFIG, now=T0 + HOUR) == {"ready": 1, "matched": 1, "unmatched": 0, "pending": 1}
+    assert match_ready_events(staged, CONFIG, now=T0 + HOUR) == {
+        "ready": 1,
+        "matched": 1,
+        "unmatched": 0,
+        "pending": 1,
+    }
 
 
 def test_a_database_staged_before_the_frontier_gets_one_and_loses_the_status_index(engine: Engine) -> None:
@@ -348,9 +431,16 @@ def test_a_database_staged_before_the_frontier_gets_one_and_loses_the_status_ind
     stage(engine, {"id": "browse-old", "kind": "browse", "mc": "MC1", "t": T0})
     with engine.begin() as conn:  # as an older version left it: no triggers, no frontier, a status index
         for name in ("pipeline_events_frontier", "pipeline_events_frontier_requeued"):
-            conn.execute(text(f"DROP TRIGGER {name}" + (" ON pipeline_events" if engine.dialect.name == "postgresql" else "")))
+            conn.execute(
+                text(
+                    f"DROP TRIGGER {name}"
+                    + (" ON pipeline_events" if engine.dialect.name == "postgresql" else "")
+                )
+            )
         conn.execute(text("DELETE FROM matching_frontier"))
-        conn.execute(text("CREATE INDEX ix_pipeline_events_status_time ON pipeline_events (status, time_gmt)"))
+        conn.execute(
+            text("CREATE INDEX ix_pipeline_events_status_time ON pipeline_events (status, time_gmt)")
+        )
         conn.execute(text("DROP INDEX ix_pipeline_events_trigger_time"))
         conn.execute(text("DROP INDEX ix_deliveries_next"))
         conn.execute(text("CREATE INDEX ix_deliveries_due ON deliveries (status, decided_at, delivery_id)"))
@@ -359,7 +449,9 @@ def test_a_database_staged_before_the_frontier_gets_one_and_loses_the_status_ind
     upgrade_schema(engine, CONFIG.dimensions)
     assert frontier_of(engine) == {"T-BROWSE": (T0, 1)}
     with engine.connect() as conn:
-        indexes = {i["name"] for table in ("pipeline_events", "deliveries") for i in inspect(conn).get_indexes(table)}
+        indexes = {
+            i["name"] for table in ("pipeline_events", "deliveries") for i in inspect(conn).get_indexes(table)
+        }
     assert {"ix_pipeline_events_trigger_time", "ix_deliveries_next"} <= indexes
     assert not {"ix_pipeline_events_status_time", "ix_deliveries_due"} & indexes
     assert match_ready_events(engine, CONFIG, now=T0 + HOUR)["matched"] == 1
@@ -375,8 +467,12 @@ def test_marking_events_rewrites_only_their_rows_on_postgresql(tmp_path: Path) -
         events = pd.read_sql(text("SELECT event_id, ctid::text AS row_key FROM pipeline_events"), conn)
     with engine.begin() as conn:  # heap-only updates: no index entry written, room left by the fillfactor
         write_batch(conn, events, pd.DataFrame(columns=list(DELIVERY_COLUMNS)), T0)
-        hot = conn.execute(text("SELECT pg_stat_get_xact_tuples_hot_updated('pipeline_events'::regclass)")).scalar_one()
-        updated = conn.execute(text("SELECT pg_stat_get_xact_tuples_updated('pipeline_events'::regclass)")).scalar_one()
+        hot = conn.execute(
+            text("SELECT pg_stat_get_xact_tuples_hot_updated('pipeline_events'::regclass)")
+        ).scalar_one()
+        updated = conn.execute(
+            text("SELECT pg_stat_get_xact_tuples_updated('pipeline_events'::regclass)")
+        ).scalar_one()
     engine.dispose()
     url.close()
     # the new versions are a little longer (status, processed_at): a page's last rows may not fit

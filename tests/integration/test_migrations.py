@@ -130,7 +130,9 @@ def schema_differences(engine: Engine, dimensions: tuple[str, ...] = ()) -> list
     for table in [*metadata.tables.values(), events_table(dimensions)]:
         table.to_metadata(expected)
     with engine.connect() as conn:
-        return compare_metadata(MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}), expected)
+        return compare_metadata(
+            MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}), expected
+        )
 
 
 def triggers(engine: Engine) -> set[str]:

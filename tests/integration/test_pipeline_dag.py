@@ -31,23 +31,37 @@ pytestmark = pytest.mark.slow
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A migrated Airflow metadata database, shared by the tests of this module."""
     workdir = tmp_path_factory.mktemp("dag-run")
-    environment = airflow_environment(workdir, "http://127.0.0.1:1", 1, workdir / "none.pem", SimulatorOptions(), "sqlite://")
+    environment = airflow_environment(
+        workdir, "http://127.0.0.1:1", 1, workdir / "none.pem", SimulatorOptions(), "sqlite://"
+    )
     subprocess.run([AIRFLOW, "db", "migrate"], env=environment, check=True, capture_output=True, timeout=300)
     return workdir
 
 
 def run_dag(environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    run = subprocess.run([AIRFLOW, "dags", "test", "triggers_pipeline"], env=environment,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [AIRFLOW, "dags", "test", "triggers_pipeline"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run
 
 
 def test_the_dag_drains_matches_and_sends_once(workdir, db_url, tmp_path):
     private_key, public_key = create_key_pair(tmp_path / "keys")
-    options = SimulatorOptions(public_key_pem=public_key.read_bytes(), events=3000, people=400,
-                               malformed_share=0.01, duplicate_share=0.01,
-                               start_time=time.time() - 3 * 3600, time_span=7200.0, seed=11)
+    options = SimulatorOptions(
+        public_key_pem=public_key.read_bytes(),
+        events=3000,
+        people=400,
+        malformed_share=0.01,
+        duplicate_share=0.01,
+        start_time=time.time() - 3 * 3600,
+        time_span=7200.0,
+        seed=11,
+    )
     engine = make_engine(db_url)
     upgrade_schema(engine, load_config().dimensions)  # what `db upgrade` does before the first run
     with Simulator(options) as simulator, LocalSmtpServer() as smtp:
@@ -60,8 +74,13 @@ def test_the_dag_drains_matches_and_sends_once(workdir, db_url, tmp_path):
         table = events_table()
         with engine.connect() as conn:
             statuses = dict(conn.execute(select(table.c.status, func.count()).group_by(table.c.status)).all())
-            decided = dict(conn.execute(select(deliveries.c.status, func.count()).group_by(deliveries.c.status)).all())
-            sent_ids = {r[0] for r in conn.execute(select(deliveries.c.delivery_id).where(deliveries.c.status == "sent"))}
+            decided = dict(
+                conn.execute(select(deliveries.c.status, func.count()).group_by(deliveries.c.status)).all()
+            )
+            sent_ids = {
+                r[0]
+                for r in conn.execute(select(deliveries.c.delivery_id).where(deliveries.c.status == "sent"))
+            }
             counts = json.loads(conn.execute(select(pipeline_runs.c.counts)).scalar_one())
         received_ids = Counter(m.message_id.strip("<>").split("@")[0] for m in smtp.messages)
 

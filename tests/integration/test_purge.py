@@ -29,13 +29,17 @@ def _events(engine: Engine, rows: list[tuple[str, str, float]]) -> None:
     table = upgrade_schema(engine)
     columns = ["event_id", "position", "consumer", "received_at", "status", "payload"]
     with engine.begin() as conn:
-        bulk_write(conn, table, columns, [(eid, eid, "customer_dev", at, status, "{}") for eid, status, at in rows])
+        bulk_write(
+            conn, table, columns, [(eid, eid, "customer_dev", at, status, "{}") for eid, status, at in rows]
+        )
 
 
 def _deliveries(engine: Engine, rows: list[tuple[str, str, float]]) -> None:
     columns = ["delivery_id", "campaign_id", "event_id", "event_time", "decided_at", "status", "attempts"]
     with engine.begin() as conn:
-        bulk_write(conn, deliveries, columns, [(did, "c", "e", at, at, status, 0) for did, status, at in rows])
+        bulk_write(
+            conn, deliveries, columns, [(did, "c", "e", at, at, status, 0) for did, status, at in rows]
+        )
 
 
 def _ids(engine: Engine, key) -> set[str]:
@@ -46,18 +50,34 @@ def _ids(engine: Engine, key) -> set[str]:
 def test_purge_keeps_waiting_events_and_recent_rows(engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
     config = parse_config(CONFIG)
     old, recent = NOW - 3 * DAY - 1, NOW - 3 * DAY + 1
-    _events(engine, [
-        ("old-matched", "matched", old), ("old-unmatched", "unmatched", old), ("old-ignored", "ignored", old),
-        ("old-quarantined", "quarantined", old), ("old-new", "new", old),
-        ("recent-matched", "matched", recent), ("recent-new", "new", recent),
-    ])
+    _events(
+        engine,
+        [
+            ("old-matched", "matched", old),
+            ("old-unmatched", "unmatched", old),
+            ("old-ignored", "ignored", old),
+            ("old-quarantined", "quarantined", old),
+            ("old-new", "new", old),
+            ("recent-matched", "matched", recent),
+            ("recent-new", "new", recent),
+        ],
+    )
     ancient, kept = NOW - 30 * DAY - 1, NOW - 30 * DAY + 1
-    _deliveries(engine, [
-        ("d-sent", "sent", ancient), ("d-failed", "failed", ancient), ("d-suppressed", "suppressed", ancient),
-        ("d-pending", "pending", ancient), ("d-sending", "sending", ancient), ("d-recent", "sent", kept),
-    ])
+    _deliveries(
+        engine,
+        [
+            ("d-sent", "sent", ancient),
+            ("d-failed", "failed", ancient),
+            ("d-suppressed", "suppressed", ancient),
+            ("d-pending", "pending", ancient),
+            ("d-sending", "sending", ancient),
+            ("d-recent", "sent", kept),
+        ],
+    )
     with engine.begin() as conn:
-        bulk_write(conn, pipeline_runs, ["run_id", "started_at"], [("run-old", ancient), ("run-recent", kept)])
+        bulk_write(
+            conn, pipeline_runs, ["run_id", "started_at"], [("run-old", ancient), ("run-recent", kept)]
+        )
 
     with caplog.at_level(logging.WARNING, logger="include.operations.purge"):
         result = purge(engine, config, now=NOW, batch_size=2)
@@ -101,10 +121,16 @@ def test_delivery_retention_covers_every_window() -> None:
     config = parse_config(CONFIG)
     assert config.pipeline.delivery_retention == 30 * DAY
     assert delivery_retention(config) == 30 * DAY
-    longer = parse_config(CONFIG.replace("30d", "1d") + """
+    longer = parse_config(
+        CONFIG.replace("30d", "1d")
+        + """
 campaigns:
   - {id: c, trigger: "*", identity: {field: mcId, column: mc_id}, dedupe: 10d, template: t, sender: a@b.c}
 limits: {per_recipient: {max: 3, per: 5d}}
-""")
+"""
+    )
     assert delivery_retention(longer) == 10 * DAY  # never forget a delivery dedupe still reads
-    assert parse_config(CONFIG.replace("  delivery_retention: 30d\n", "")).pipeline.delivery_retention == 90 * DAY
+    assert (
+        parse_config(CONFIG.replace("  delivery_retention: 30d\n", "")).pipeline.delivery_retention
+        == 90 * DAY
+    )

@@ -62,20 +62,28 @@ def jwt_for(sim: Simulator, private_pem: bytes, **claim_overrides) -> str:
 
 
 def exchange(sim: Simulator, token: str, secret: str | None = None) -> requests.Response:
-    return requests.post(f"{sim.url}/ims/exchange/jwt", data={
-        "client_id": sim.options.client_id,
-        "client_secret": secret if secret is not None else sim.options.client_secret,
-        "jwt_token": token,
-    }, timeout=10)
+    return requests.post(
+        f"{sim.url}/ims/exchange/jwt",
+        data={
+            "client_id": sim.options.client_id,
+            "client_secret": secret if secret is not None else sim.options.client_secret,
+            "jwt_token": token,
+        },
+        timeout=10,
+    )
 
 
 def oauth(sim: Simulator, secret: str | None = None) -> requests.Response:
-    return requests.post(f"{sim.url}/ims/token/v3", data={
-        "grant_type": "client_credentials",
-        "client_id": sim.options.client_id,
-        "client_secret": secret if secret is not None else sim.options.client_secret,
-        "scope": "ent_analytics_bulk_ingest_sdk,openid",
-    }, timeout=10)
+    return requests.post(
+        f"{sim.url}/ims/token/v3",
+        data={
+            "grant_type": "client_credentials",
+            "client_id": sim.options.client_id,
+            "client_secret": secret if secret is not None else sim.options.client_secret,
+            "scope": "ent_analytics_bulk_ingest_sdk,openid",
+        },
+        timeout=10,
+    )
 
 
 class Journal:
@@ -85,11 +93,13 @@ class Journal:
         self.sim = sim
         self.session = requests.Session()
         token = token or oauth(sim).json()["access_token"]
-        self.session.headers.update({
-            "Authorization": f"Bearer {token}",
-            "x-api-key": sim.options.client_id,
-            "x-ims-org-id": sim.options.org_id,
-        })
+        self.session.headers.update(
+            {
+                "Authorization": f"Bearer {token}",
+                "x-api-key": sim.options.client_id,
+                "x-ims-org-id": sim.options.org_id,
+            }
+        )
         self.url = f"{sim.url}/journal/{consumer or sim.options.consumer}"
 
     def get(self, **params) -> requests.Response:
@@ -112,11 +122,14 @@ def trigger_of(event: dict) -> dict:
 
 
 def dimensions_of(event: dict) -> dict:
-    return {name.strip(): value for name, value in
-            trigger_of(event)["enrichments"]["analyticsHitSummary"]["dimensions"].items()}
+    return {
+        name.strip(): value
+        for name, value in trigger_of(event)["enrichments"]["analyticsHitSummary"]["dimensions"].items()
+    }
 
 
 # --- IMS --------------------------------------------------------------------------------------
+
 
 def test_jwt_exchange_returns_a_working_token_with_expires_in_milliseconds(key_pair):
     options = SimulatorOptions(public_key_pem=key_pair[1].read_bytes(), token_lifetime=3600, events=3)
@@ -135,13 +148,16 @@ def test_jwt_signed_with_another_key_is_refused_as_invalid_signature(sim, other_
     assert response.json()["error"] == "invalid_signature"
 
 
-@pytest.mark.parametrize(("claims", "error"), [
-    ({"exp": int(time.time()) - 120}, "expired_token"),
-    ({"exp": int(time.time()) + 2 * 86400}, "invalid_token"),  # more than 24 h after iat
-    ({"aud": "https://ims-na1.adobelogin.com/c/sim-client"}, "invalid_token"),
-    ({"iss": "SOMEONE-ELSE@AdobeOrg"}, "invalid_token"),
-    ({"sub": "nobody@techacct.adobe.com"}, "invalid_token"),
-])
+@pytest.mark.parametrize(
+    ("claims", "error"),
+    [
+        ({"exp": int(time.time()) - 120}, "expired_token"),
+        ({"exp": int(time.time()) + 2 * 86400}, "invalid_token"),  # more than 24 h after iat
+        ({"aud": "https://ims-na1.adobelogin.com/c/sim-client"}, "invalid_token"),
+        ({"iss": "SOMEONE-ELSE@AdobeOrg"}, "invalid_token"),
+        ({"sub": "nobody@techacct.adobe.com"}, "invalid_token"),
+    ],
+)
 def test_jwt_with_bad_claims_is_refused_naming_the_problem(sim, key_pair, claims, error):
     response = exchange(sim, jwt_for(sim, key_pair[0].read_bytes(), **claims))
     assert response.status_code == 400
@@ -178,11 +194,13 @@ def create_key_pair_in_memory() -> bytes:
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 # --- the journal ------------------------------------------------------------------------------
+
 
 def test_paging_returns_every_event_in_order_with_opaque_positions_then_204(sim):
     journal = Journal(sim)
@@ -222,10 +240,26 @@ def test_latest_starts_at_the_end_and_links_to_what_comes_next(sim):
 def test_credentials_and_request_checks(sim):
     journal = Journal(sim)
     assert Journal(sim, consumer="someone_else").get().status_code == 403
-    assert journal.session.get(journal.url, params={"limit": 10}, headers={"Authorization": ""}).status_code == 401
-    assert journal.session.get(journal.url, params={"limit": 10}, headers={"Authorization": "Bearer forged"}).status_code == 401
-    assert journal.session.get(journal.url, params={"limit": 10}, headers={"x-api-key": "other"}).status_code == 403
-    assert journal.session.get(journal.url, params={"limit": 10}, headers={"x-ims-org-id": "X@AdobeOrg"}).status_code == 403
+    assert (
+        journal.session.get(journal.url, params={"limit": 10}, headers={"Authorization": ""}).status_code
+        == 401
+    )
+    assert (
+        journal.session.get(
+            journal.url, params={"limit": 10}, headers={"Authorization": "Bearer forged"}
+        ).status_code
+        == 401
+    )
+    assert (
+        journal.session.get(journal.url, params={"limit": 10}, headers={"x-api-key": "other"}).status_code
+        == 403
+    )
+    assert (
+        journal.session.get(
+            journal.url, params={"limit": 10}, headers={"x-ims-org-id": "X@AdobeOrg"}
+        ).status_code
+        == 403
+    )
     for limit in (0, 100_001, "ten"):
         assert journal.get(limit=limit).status_code == 400
     assert journal.session.get(journal.url, timeout=10).status_code == 400  # no limit
@@ -254,6 +288,7 @@ def test_memory_holds_only_the_retained_positions():
 
 
 # --- faults -----------------------------------------------------------------------------------
+
 
 def test_fault_switches_apply_to_the_next_journal_requests(sim):
     journal = Journal(sim)
@@ -287,12 +322,19 @@ def test_faults_publishing_and_stats_can_be_switched_over_http(sim):
     assert journal.get().status_code == 401
     journal = Journal(sim)
     requests.post(f"{admin}/faults", json={"slow_seconds": 5, "status": 500, "count": 9}, timeout=5)
-    assert requests.post(f"{admin}/faults", json={"clear": True}, timeout=5).json() == {"pending": [], "slow_seconds": 0.0}
+    assert requests.post(f"{admin}/faults", json={"clear": True}, timeout=5).json() == {
+        "pending": [],
+        "slow_seconds": 0.0,
+    }
     assert requests.post(f"{admin}/publish", json={"count": 7}, timeout=5).json()["length"] == 257
     assert requests.post(f"{admin}/faults", data="not json", timeout=5).status_code == 400
     assert len(journal.drain()) == 257
     stats = requests.get(f"{admin}/stats", timeout=5).json()
-    assert stats["events_served"] == 257 and stats["journal_requests"]["503"] == 1 and stats["tokens_issued"] == 2
+    assert (
+        stats["events_served"] == 257
+        and stats["journal_requests"]["503"] == 1
+        and stats["tokens_issued"] == 2
+    )
 
 
 @pytest.mark.parametrize("sim", [{"token_lifetime": 1.0}], indirect=True)
@@ -308,22 +350,33 @@ def test_tokens_expire_after_their_lifetime_or_when_told(sim):
 
 # --- the events -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sim", [{"events": 2000, "start_time": 1_767_225_600.0, "time_span": 3600.0}], indirect=True)
+
+@pytest.mark.parametrize(
+    "sim", [{"events": 2000, "start_time": 1_767_225_600.0, "time_span": 3600.0}], indirect=True
+)
 def test_events_look_like_adobe_analytics_triggers(sim):
     events = [item["event"] for item in Journal(sim).drain(limit=1000)]
     assert len(events) == 2000
     triggers = Counter(trigger_of(e)["triggerId"] for e in events)
     assert triggers[CART_ABANDONMENT] > triggers[BROWSE_ABANDONMENT] > triggers[PURCHASE] > 100
-    assert 40 < sum(n for t, n in triggers.items() if t not in (CART_ABANDONMENT, BROWSE_ABANDONMENT, PURCHASE)) < 200
+    assert (
+        40
+        < sum(n for t, n in triggers.items() if t not in (CART_ABANDONMENT, BROWSE_ABANDONMENT, PURCHASE))
+        < 200
+    )
 
     event = events[0]
     header = event["event"][MESSAGE_KEY]["header"]
     trigger = trigger_of(event)
     assert header["imsOrg"] == sim.options.org_id and header["messageType"] == "TRIGGER"
-    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", header["messageId"])
+    assert re.fullmatch(
+        r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", header["messageId"]
+    )
     assert header["messageId"] != event["event_id"]
     assert trigger["triggerTimestamp"] <= header["sentTime"] <= event["event"]["createTime"]
-    assert abs(trigger["triggerTimestamp"] / 1000 - 1_767_225_600) < 5  # milliseconds, the first at start_time
+    assert (
+        abs(trigger["triggerTimestamp"] / 1000 - 1_767_225_600) < 5
+    )  # milliseconds, the first at start_time
     assert re.fullmatch(r"[1-9]\d{37}", trigger["mcId"])
     times = dimensions_of(event)["timeGMT"]["data"]
     assert 2 <= len(times) <= 6 and times == sorted(times) and times[-1] < trigger["triggerTimestamp"] / 1000
@@ -333,12 +386,19 @@ def test_events_look_like_adobe_analytics_triggers(sim):
     carts = [dimensions_of(e) for e in events if trigger_of(e)["triggerId"] == CART_ABANDONMENT]
     pages = Counter(d["pageName"]["data"][0] for d in carts if "pageName" in d)
     assert pages.most_common(1)[0][0] == "checkout:cart" and pages["checkout:shipping"] > 0
-    browse_pages = {d["pageName"]["data"][0] for e in events if trigger_of(e)["triggerId"] == BROWSE_ABANDONMENT
-                    for d in [dimensions_of(e)] if "pageName" in d}
+    browse_pages = {
+        d["pageName"]["data"][0]
+        for e in events
+        if trigger_of(e)["triggerId"] == BROWSE_ABANDONMENT
+        for d in [dimensions_of(e)]
+        if "pageName" in d
+    }
     assert all(p.startswith("product:SKU-") for p in browse_pages)
     assert all(1 <= len(d["products"]["data"]) <= 4 for d in carts if d.get("products", {}).get("data"))
 
-    raw_keys = Counter(k for e in events for k in trigger_of(e)["enrichments"]["analyticsHitSummary"]["dimensions"])
+    raw_keys = Counter(
+        k for e in events for k in trigger_of(e)["enrichments"]["analyticsHitSummary"]["dimensions"]
+    )
     assert raw_keys[" eVar01"] > 0  # stray white space, as in Adobe's own sample
     assert raw_keys["eVar01"] + raw_keys[" eVar01"] < 2000  # now and then a dimension is missing
     assert raw_keys["products"] < 2000 and raw_keys["pageName"] < 2000
@@ -359,8 +419,10 @@ def test_repeat_visitors_and_purchases_that_follow_a_cart(sim):
         if trigger["triggerId"] == CART_ABANDONMENT:
             carts.setdefault(shopper, []).append((when, dimensions["products"]["data"]))
         elif trigger["triggerId"] == PURCHASE:
-            followed += any(0 < when - at <= 1800 and products == dimensions["products"]["data"]
-                            for at, products in carts.get(shopper, []))
+            followed += any(
+                0 < when - at <= 1800 and products == dimensions["products"]["data"]
+                for at, products in carts.get(shopper, [])
+            )
     assert followed >= 100
 
 
@@ -379,8 +441,13 @@ def test_malformed_share_produces_each_malformed_kind(sim):
         elif isinstance(trigger_of(event)["triggerTimestamp"], str):
             kinds["timestamp not a number"] += 1
             assert trigger_of(event)["triggerTimestamp"] == "yesterday"
-    assert set(kinds) == {"not an object: str", "not an object: list", "oversized", "no triggerId",
-                          "timestamp not a number"}
+    assert set(kinds) == {
+        "not an object: str",
+        "not an object: list",
+        "oversized",
+        "no triggerId",
+        "timestamp not a number",
+    }
     assert 300 < sum(kinds.values()) < 500
 
 
@@ -400,7 +467,9 @@ def test_duplicates_republish_an_earlier_event_with_the_same_ids(sim):
     assert len(items) == 2000
     by_id: dict[str, list[dict]] = {}
     for item in items:
-        by_id.setdefault(item["event"].get("event_id") or json.dumps(item["event"], sort_keys=True), []).append(item)
+        by_id.setdefault(
+            item["event"].get("event_id") or json.dumps(item["event"], sort_keys=True), []
+        ).append(item)
     repeated = [copies for copies in by_id.values() if len(copies) > 1]
     assert 120 < sum(len(c) - 1 for c in repeated) < 300
     for copies in repeated:
@@ -416,12 +485,23 @@ def test_rate_publishes_new_events_continuously_at_the_current_time():
         events = [item["event"] for item in journal.drain()]
         elapsed = time.monotonic() - started
     assert 120 <= len(events) <= 400 * elapsed + 1  # the rate, whatever the machine's load
-    assert all(abs(trigger_of(e)["triggerTimestamp"] / 1000 - time.time()) < 5 for e in events
-               if isinstance(e, dict) and isinstance(trigger_of(e).get("triggerTimestamp"), int))
+    assert all(
+        abs(trigger_of(e)["triggerTimestamp"] / 1000 - time.time()) < 5
+        for e in events
+        if isinstance(e, dict) and isinstance(trigger_of(e).get("triggerTimestamp"), int)
+    )
 
 
-@pytest.mark.parametrize("options", [{"malformed_share": 1.5}, {"people": 0}, {"start_time": 5.0}, {"retention": 0},
-                                     {"public_key_pem": b"not a key"}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"malformed_share": 1.5},
+        {"people": 0},
+        {"start_time": 5.0},
+        {"retention": 0},
+        {"public_key_pem": b"not a key"},
+    ],
+)
 def test_impossible_options_are_refused_naming_the_option(options):
     with pytest.raises(ConfigError, match=next(iter(options))):
         Simulator(SimulatorOptions(**options))
@@ -446,8 +526,16 @@ def test_the_audience_csv_holds_the_people_of_the_events(tmp_path):
     path = write_audience_csv(tmp_path / "audience.csv", 300, opted_out_share=0.1, invalid_email_share=0.1)
     with path.open(encoding="utf-8") as file:
         rows = list(csv.DictReader(file))
-    assert list(rows[0]) == ["recipient_id", "email", "first_name", "last_name", "locale", "shopper_id",
-                             "mc_id", "opted_out"]
+    assert list(rows[0]) == [
+        "recipient_id",
+        "email",
+        "first_name",
+        "last_name",
+        "locale",
+        "shopper_id",
+        "mc_id",
+        "opted_out",
+    ]
     assert len(rows) == 300 and len({r["recipient_id"] for r in rows}) == 300
     assert len({r["shopper_id"] for r in rows}) == len({r["mc_id"] for r in rows}) == 300
     assert {r["locale"] for r in rows} == {"fr_FR", "de_DE", "en_US", ""}
@@ -471,6 +559,7 @@ def test_the_audience_csv_holds_the_people_of_the_events(tmp_path):
 
 # --- keys and the command line ----------------------------------------------------------------
 
+
 def test_create_key_pair_writes_a_private_pkcs8_key_and_refuses_to_overwrite_it(tmp_path):
     private, public = create_key_pair(tmp_path / "k")
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
@@ -485,17 +574,35 @@ def test_create_key_pair_writes_a_private_pkcs8_key_and_refuses_to_overwrite_it(
 
 
 def test_connection_json_is_the_airflow_json_form_of_spec_section_1(tmp_path):
-    document = json.loads(connection_json("http://127.0.0.1:8765/", "cid", "secret", "O@AdobeOrg",
-                                          "t@techacct.adobe.com", tmp_path / "private.pem"))
+    document = json.loads(
+        connection_json(
+            "http://127.0.0.1:8765/",
+            "cid",
+            "secret",
+            "O@AdobeOrg",
+            "t@techacct.adobe.com",
+            tmp_path / "private.pem",
+        )
+    )
     assert document == {
-        "conn_type": "http", "host": "http://127.0.0.1:8765", "login": "cid", "password": "secret",
-        "extra": {"ims_url": "http://127.0.0.1:8765", "org_id": "O@AdobeOrg",
-                  "technical_account_id": "t@techacct.adobe.com", "auth": "jwt",
-                  "private_key_path": str((tmp_path / "private.pem").resolve()),
-                  "scopes": ["ent_analytics_bulk_ingest_sdk"]},
+        "conn_type": "http",
+        "host": "http://127.0.0.1:8765",
+        "login": "cid",
+        "password": "secret",
+        "extra": {
+            "ims_url": "http://127.0.0.1:8765",
+            "org_id": "O@AdobeOrg",
+            "technical_account_id": "t@techacct.adobe.com",
+            "auth": "jwt",
+            "private_key_path": str((tmp_path / "private.pem").resolve()),
+            "scopes": ["ent_analytics_bulk_ingest_sdk"],
+        },
     }
-    oauth_form = json.loads(connection_json("https://p", "c", "s", "o", "t", None, auth="oauth",
-                                            ims_url="https://ims-na1.adobelogin.com"))
+    oauth_form = json.loads(
+        connection_json(
+            "https://p", "c", "s", "o", "t", None, auth="oauth", ims_url="https://ims-na1.adobelogin.com"
+        )
+    )
     assert oauth_form["extra"]["ims_url"] == "https://ims-na1.adobelogin.com"
     assert "private_key_path" not in oauth_form["extra"]
     with pytest.raises(CredentialsError):
@@ -532,9 +639,25 @@ def test_keys_create_prints_the_connection_for_the_simulator_and_never_the_priva
 
 def test_simulator_serve_runs_until_interrupted(key_pair):
     process = subprocess.Popen(
-        [sys.executable, "-m", "include.cli", "simulator", "serve", "--port", "0", "--events", "40",
-         "--public-key", str(key_pair[1]), "--retention", "30"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "include.cli",
+            "simulator",
+            "serve",
+            "--port",
+            "0",
+            "--events",
+            "40",
+            "--public-key",
+            str(key_pair[1]),
+            "--retention",
+            "30",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         url = re.search(r"http://127\.0\.0\.1:\d+", process.stdout.readline()).group(0)
@@ -551,5 +674,7 @@ def test_simulator_audience_writes_the_csv_and_serve_names_a_bad_key(tmp_path, c
     code, _, err = run_cli(capsys, "simulator", "audience", str(tmp_path / "a.csv"), "--people", "25")
     assert code == 0, err
     assert len((tmp_path / "a.csv").read_text(encoding="utf-8").splitlines()) == 26
-    code, _, err = run_cli(capsys, "simulator", "serve", "--port", "0", "--public-key", str(tmp_path / "missing.pem"))
+    code, _, err = run_cli(
+        capsys, "simulator", "serve", "--port", "0", "--public-key", str(tmp_path / "missing.pem")
+    )
     assert code == 1 and "keys create" in err

@@ -24,14 +24,40 @@ CONSUMER = "customer_dev"  # the default configuration's consumer
 NOW = 1_767_225_600.0 + 1800  # 2026-01-01 00:30:00 UTC
 HOUR = 3600.0
 CHART_START = 1_767_225_600.0 - 71 * HOUR  # 72 hourly buckets, the current hour last
-EVENT_COLUMNS = ["event_id", "position", "consumer", "trigger_id", "time_gmt", "received_at", "status",
-                 "reason", "processed_at", "payload"]
+EVENT_COLUMNS = [
+    "event_id",
+    "position",
+    "consumer",
+    "trigger_id",
+    "time_gmt",
+    "received_at",
+    "status",
+    "reason",
+    "processed_at",
+    "payload",
+]
 
 
-def _event(n: int, status: str, received_at: float, processed_at: float | None = None,
-           consumer: str = CONSUMER, reason: str | None = None) -> tuple[Any, ...]:
-    return (f"{consumer}-{n}", f"p{n}", consumer, "3e8a2ba7", received_at - 30, received_at, status,
-            reason, processed_at, "{}")
+def _event(
+    n: int,
+    status: str,
+    received_at: float,
+    processed_at: float | None = None,
+    consumer: str = CONSUMER,
+    reason: str | None = None,
+) -> tuple[Any, ...]:
+    return (
+        f"{consumer}-{n}",
+        f"p{n}",
+        consumer,
+        "3e8a2ba7",
+        received_at - 30,
+        received_at,
+        status,
+        reason,
+        processed_at,
+        "{}",
+    )
 
 
 def seed(engine: Engine) -> None:
@@ -45,26 +71,64 @@ def seed(engine: Engine) -> None:
     rows.append(_event(399, "new", NOW - 80 * HOUR))  # stuck for days: before the chart, but waiting
     rows += [_event(400 + i, "ignored", NOW - 50 * HOUR) for i in range(7)]
     # the first bucket, at its very start and its very end: floor, not rounding, picks the hour
-    rows += [_event(500, "quarantined", CHART_START, reason="no triggerId"),
-             _event(501, "quarantined", CHART_START + HOUR - 0.1, reason="not JSON"),
-             _event(502, "quarantined", CHART_START - 0.1, reason="too large")]  # before the chart
+    rows += [
+        _event(500, "quarantined", CHART_START, reason="no triggerId"),
+        _event(501, "quarantined", CHART_START + HOUR - 0.1, reason="not JSON"),
+        _event(502, "quarantined", CHART_START - 0.1, reason="too large"),
+    ]  # before the chart
     rows += [_event(600 + i, "new", NOW - 99 * HOUR, consumer="another") for i in range(4)]
-    state_columns = ["consumer", "position", "pipeline_host", "last_fetch_at", "events_received",
-                     "events_quarantined", "events_ignored", "events_duplicate", "requests_retried"]
+    state_columns = [
+        "consumer",
+        "position",
+        "pipeline_host",
+        "last_fetch_at",
+        "events_received",
+        "events_quarantined",
+        "events_ignored",
+        "events_duplicate",
+        "requests_retried",
+    ]
     state = [(CONSUMER, "p304", "https://client:s3cret@pipeline.example:8443", NOW - 5, 130, 3, 7, 10, 2)]
-    delivery_columns = ["delivery_id", "campaign_id", "recipient_id", "email", "event_id", "event_time",
-                        "decided_at", "status", "reason", "attempts"]
+    delivery_columns = [
+        "delivery_id",
+        "campaign_id",
+        "recipient_id",
+        "email",
+        "event_id",
+        "event_time",
+        "decided_at",
+        "status",
+        "reason",
+        "attempts",
+    ]
     outcomes = ["sent"] * 4 + ["failed"] + ["pending"] * 2 + ["suppressed"] * 3
     reasons = [None] * 7 + ["opted_out", "opted_out", "dedupe"]
-    emails = [(f"d{i}", "cart_abandonment", f"r{i}", f"r{i}@example.com", f"{CONSUMER}-{i}", NOW - HOUR,
-               NOW - HOUR, status, reason, 1) for i, (status, reason) in enumerate(zip(outcomes, reasons, strict=True))]
-    runs = [("manual__1", NOW - 120, NOW - 100, json.dumps({"drained": 105, "sent": 4}), 12.5),
-            ("scheduled__2", NOW - 60, None, None, None)]
+    emails = [
+        (
+            f"d{i}",
+            "cart_abandonment",
+            f"r{i}",
+            f"r{i}@example.com",
+            f"{CONSUMER}-{i}",
+            NOW - HOUR,
+            NOW - HOUR,
+            status,
+            reason,
+            1,
+        )
+        for i, (status, reason) in enumerate(zip(outcomes, reasons, strict=True))
+    ]
+    runs = [
+        ("manual__1", NOW - 120, NOW - 100, json.dumps({"drained": 105, "sent": 4}), 12.5),
+        ("scheduled__2", NOW - 60, None, None, None),
+    ]
     with engine.begin() as conn:
         bulk_write(conn, table, EVENT_COLUMNS, rows)
         bulk_write(conn, pipeline_state, state_columns, state)
         bulk_write(conn, deliveries, delivery_columns, emails)
-        bulk_write(conn, pipeline_runs, ["run_id", "started_at", "finished_at", "counts", "lag_seconds"], runs)
+        bulk_write(
+            conn, pipeline_runs, ["run_id", "started_at", "finished_at", "counts", "lag_seconds"], runs
+        )
 
 
 def test_status_figures(engine: Engine) -> None:
@@ -75,14 +139,28 @@ def test_status_figures(engine: Engine) -> None:
     assert status["pipeline_host"] == "https://pipeline.example:8443"  # the credentials are cut
     assert status["position"] == "p304"
     assert status["last_fetch_at"] == NOW - 5
-    assert status["events"] == {"received": 130, "quarantined": 3, "ignored": 7, "duplicate": 10, "requests_retried": 2}
+    assert status["events"] == {
+        "received": 130,
+        "quarantined": 3,
+        "ignored": 7,
+        "duplicate": 10,
+        "requests_retried": 2,
+    }
     assert status["staged"] == {  # those received in the chart's window: not event 502
-        "since": CHART_START, "total": 115, "processed": 101,
+        "since": CHART_START,
+        "total": 115,
+        "processed": 101,
         "by_status": {"new": 5, "matched": 61, "unmatched": 40, "ignored": 7, "quarantined": 2},
     }
     assert status["waiting"] == 6  # however old; this consumer's only
-    assert status["emails"] == {"pending": 2, "sending": 0, "sent": 4, "failed": 1, "suppressed": 3,
-                                "suppressed_by_reason": {"opted_out": 2, "dedupe": 1}}
+    assert status["emails"] == {
+        "pending": 2,
+        "sending": 0,
+        "sent": 4,
+        "failed": 1,
+        "suppressed": 3,
+        "suppressed_by_reason": {"opted_out": 2, "dedupe": 1},
+    }
     assert status["avg_processing_seconds"] == pytest.approx((60 * 2 + 40 * 4) / 100)
     assert status["lag_seconds"] == pytest.approx(80 * HOUR)
 
@@ -248,13 +326,19 @@ def test_status_page_says_what_to_fix(plugin: Any, monkeypatch: pytest.MonkeyPat
     assert response.status_code == 503 and "TRIGGERS_CONFIG" in response.json()["error"]
 
 
-def test_viewers_within_seconds_share_one_reading(plugin: Any, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_viewers_within_seconds_share_one_reading(
+    plugin: Any, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seed(engine)
     client = _signed_in_client(plugin)
     assert client.get("/status.json").json()["emails"]["sent"] == 4
     with engine.begin() as conn:
-        bulk_write(conn, deliveries, ["delivery_id", "campaign_id", "event_id", "event_time", "decided_at", "status",
-                                      "attempts"], [("d-new", "c", "e", NOW, NOW, "sent", 1)])
+        bulk_write(
+            conn,
+            deliveries,
+            ["delivery_id", "campaign_id", "event_id", "event_time", "decided_at", "status", "attempts"],
+            [("d-new", "c", "e", NOW, NOW, "sent", 1)],
+        )
     assert client.get("/status.json").json()["emails"]["sent"] == 4  # the cached reading
     monkeypatch.setattr(plugin, "CACHE_SECONDS", 0)
     assert client.get("/status.json").json()["emails"]["sent"] == 5

@@ -100,7 +100,9 @@ def test_an_unknown_trigger_label_is_named_with_the_known_ones() -> None:
         ("per: 24h}", "per: -1h}", "limits.per_recipient.per"),
     ],
 )
-def test_a_bad_duration_names_its_key_and_line_and_the_form_expected(original: str, bad: str, key: str) -> None:
+def test_a_bad_duration_names_its_key_and_line_and_the_form_expected(
+    original: str, bad: str, key: str
+) -> None:
     text = VALID.replace(original, bad)
     with pytest.raises(ConfigError) as caught:
         parse_config(text, source="triggers.yaml")
@@ -149,7 +151,9 @@ def test_a_template_set_missing_one_part_is_refused(tmp_path: Path) -> None:
 
 
 def test_the_wildcard_trigger_accepts_every_trigger_and_a_campaign_may_use_it() -> None:
-    text = VALID.replace(f"- name: {CART}\n          label: cart_abandonment", '- name: "*"\n          label: any_trigger')
+    text = VALID.replace(
+        f"- name: {CART}\n          label: cart_abandonment", '- name: "*"\n          label: any_trigger'
+    )
     text = text.replace("trigger: cart_abandonment", "trigger: any_trigger")
     config = parse_config(text)
     assert config.accepts_all_triggers
@@ -175,15 +179,25 @@ def test_conditions_that_cannot_be_evaluated_are_refused(condition: str, expecte
 
 def test_every_op_is_accepted() -> None:
     for op, value in [
-        ("eq", "a"), ("ne", "a"), ("in", "[a, b]"), ("gt", "1"), ("ge", "1.5"), ("lt", "2"), ("le", "2"),
-        ("startswith", "a"), ("contains", "a"), ("exists", "null"),
+        ("eq", "a"),
+        ("ne", "a"),
+        ("in", "[a, b]"),
+        ("gt", "1"),
+        ("ge", "1.5"),
+        ("lt", "2"),
+        ("le", "2"),
+        ("startswith", "a"),
+        ("contains", "a"),
+        ("exists", "null"),
     ]:
         text = VALID.replace('op: startswith, value: "checkout"', f"op: {op}, value: {value}")
         assert parse_config(text).campaigns[0].where[0].op == op
 
 
 def test_an_identity_needs_exactly_one_source() -> None:
-    text = VALID.replace("{dimension: eVar01, column: shopper_id}", "{dimension: eVar01, field: mcId, column: shopper_id}")
+    text = VALID.replace(
+        "{dimension: eVar01, column: shopper_id}", "{dimension: eVar01, field: mcId, column: shopper_id}"
+    )
     with pytest.raises(ConfigError, match="exactly one of 'dimension'"):
         parse_config(text)
 

@@ -14,7 +14,8 @@ from include.staging.parser import EventParser
 CART = "3e8a2ba7-fccc-49bb-bdac-33ee33cf02bf"
 PM = "com.adobe.mcloud.pipeline.pipelineMessage"
 TRIGGER = "com.adobe.mcloud.protocol.trigger"
-PARSER = EventParser(parse_config(f"""
+PARSER = EventParser(
+    parse_config(f"""
 pipeline:
   consumer: customer_dev
   max_msg_size: 2000
@@ -26,7 +27,8 @@ campaigns:
     where: [{{dimension: pageName, op: startswith, value: checkout}}]
     template: cart_abandonment
     sender: shop@example.com
-"""))
+""")
+)
 
 
 def envelope(trigger, header=None, **top):
@@ -37,9 +39,21 @@ def envelope(trigger, header=None, **top):
 # Each of these takes a different turn in the reading of SPEC section 3; most leave the typed
 # path, and their rows must not change when they do.
 EVENTS = [
-    envelope({"triggerId": f" {CART} ", "mcId": 0, "enrichments": {"analyticsHitSummary": {"dimensions": {
-        " eVar01": {"data": ["SHOP-1", None, "", 3, True, "a\x1fb"]}, "pageName": {"data": "not a list"}}}}},
-        {"messageId": "", "sentTime": 5000}),
+    envelope(
+        {
+            "triggerId": f" {CART} ",
+            "mcId": 0,
+            "enrichments": {
+                "analyticsHitSummary": {
+                    "dimensions": {
+                        " eVar01": {"data": ["SHOP-1", None, "", 3, True, "a\x1fb"]},
+                        "pageName": {"data": "not a list"},
+                    }
+                }
+            },
+        },
+        {"messageId": "", "sentTime": 5000},
+    ),
     envelope({"triggerId": CART, "triggerTimestamp": 1.5e12, "timeGMT": "late"}, {"messageId": 12}),
     envelope({"triggerId": CART, "triggerTimestamp": True}),
     envelope({"triggerId": CART, "enrichments": []}),
@@ -52,12 +66,28 @@ EVENTS = [
     envelope({"triggerId": CART, "mcId": 123456789012345678901234567890, "timeGMT": 1e400}),
     json.dumps({PM: {TRIGGER: {"triggerId": CART}}, "createTime": 9000}),  # message beside, not in, "event"
     json.dumps({"event": 5, "triggerId": CART, "timeGMT": 3}),
-    json.dumps({"triggerId": "other", "timeGMT": 12.5, "mcId": "m", "enrichments": {"analyticsHitSummary": {
-        "dimensions": {" eVar01": {"data": ["first"]}, "eVar01": {"data": ["second"]}}}}}),
-    json.dumps({"triggerId": CART, "event_id": {"nested": 1}, "text": "caf\u00e9 \U0001f600"}, ensure_ascii=False),
+    json.dumps(
+        {
+            "triggerId": "other",
+            "timeGMT": 12.5,
+            "mcId": "m",
+            "enrichments": {
+                "analyticsHitSummary": {
+                    "dimensions": {" eVar01": {"data": ["first"]}, "eVar01": {"data": ["second"]}}
+                }
+            },
+        }
+    ),
+    json.dumps(
+        {"triggerId": CART, "event_id": {"nested": 1}, "text": "caf\u00e9 \U0001f600"}, ensure_ascii=False
+    ),
     json.dumps({"triggerId": CART, "text": "\u00e9\n"}),  # escapes kept as sent
     '{"triggerId":"' + CART + '","event_id":"d","timeGMT":1,"timeGMT":"duplicate keys: the last one counts"}',
-    '"a string"', "[1, 2]", "null", "12", "{}",
+    '"a string"',
+    "[1, 2]",
+    "null",
+    "12",
+    "{}",
 ]
 
 
@@ -66,23 +96,35 @@ def rows(page):
 
 
 @pytest.mark.parametrize("event", EVENTS)
-@pytest.mark.parametrize("layout", [
-    '{{"events":[{{"position":"p1","event":{event}}},{{"event":{{"triggerId":"{cart}"}}}}],"_page":{{"last":"L"}}}}',
-    '{{ "_page" : {{"last": 3}} ,\n "events" : [ {{ "event" : {event} , "position" : 7 }} ] }}',
-    '{{"events":[{{"position":null,"event":{event}}},{{"position":"p2"}},{{}}]}}',
-])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        '{{"events":[{{"position":"p1","event":{event}}},{{"event":{{"triggerId":"{cart}"}}}}],"_page":{{"last":"L"}}}}',
+        '{{ "_page" : {{"last": 3}} ,\n "events" : [ {{ "event" : {event} , "position" : 7 }} ] }}',
+        '{{"events":[{{"position":null,"event":{event}}},{{"position":"p2"}},{{}}]}}',
+    ],
+)
 def test_typed_and_generic_paths_give_the_same_rows(event, layout):
     body = layout.format(event=event, cart=CART).encode()
     assert rows(PARSER.parse_page(body, 1.0)) == rows(PARSER._parse_page_generic(body, 1.0))
 
 
 def test_simulator_pages_give_the_same_rows_on_both_paths():
-    journal = Journal(SimulatorOptions(malformed_share=0.05, duplicate_share=0.05, bare_share=0.1,
-                                       unknown_trigger_share=0.1))
+    journal = Journal(
+        SimulatorOptions(
+            malformed_share=0.05, duplicate_share=0.05, bare_share=0.1, unknown_trigger_share=0.1
+        )
+    )
     journal.publish(2000, 1.7e9, 0.5)
     for start in range(0, 2000, 500):
         chunks, last = journal.page(start, start + 500)
-        body = b'{"events":[' + b"".join(bytes(chunk) for chunk in chunks) + b'],"_page":{"last":"' + last.encode() + b'"}}'
+        body = (
+            b'{"events":['
+            + b"".join(bytes(chunk) for chunk in chunks)
+            + b'],"_page":{"last":"'
+            + last.encode()
+            + b'"}}'
+        )
         typed, generic = PARSER.parse_page(body, 1.0), PARSER._parse_page_generic(body, 1.0)
         assert rows(typed) == rows(generic)
         assert typed.quarantined and typed.ignored and typed.count == 500
@@ -90,6 +132,6 @@ def test_simulator_pages_give_the_same_rows_on_both_paths():
 
 def test_a_page_msgspec_refuses_is_read_by_the_generic_path():
     event = '{"event_id":"e","triggerId":"' + CART + '","timeGMT":NaN,"x":"\\ud800"}'
-    body = '{"events":[{"position":"p","event":' + event + '}]}'
+    body = '{"events":[{"position":"p","event":' + event + "}]}"
     page = PARSER.parse_page(body.encode(), 1.0)
     assert page.values[3] == [CART] and page.values[6] == ["new"] and page.last_position == "p"

@@ -63,16 +63,20 @@ def test_imports_flow_down_the_path_and_never_reach_the_sandbox(module: str) -> 
         if imported == "include":
             continue
         assert layer_of(imported) != "sandbox", f"{module} imports the tooling {imported}"
-        assert RANK[layer_of(imported)] <= RANK[layer_of(module)], f"{module} imports {imported}, a later stage"
+        assert RANK[layer_of(imported)] <= RANK[layer_of(module)], (
+            f"{module} imports {imported}, a later stage"
+        )
 
 
 def test_no_import_circle_between_modules() -> None:
-    graph = {name: {m for m in imports_of(path) if m in MODULES and m != name} for name, path in MODULES.items()}
+    graph = {
+        name: {m for m in imports_of(path) if m in MODULES and m != name} for name, path in MODULES.items()
+    }
     done: set[str] = set()
 
     def visit(name: str, trail: list[str]) -> None:
         if name in trail:
-            raise AssertionError("import circle: " + " -> ".join([*trail[trail.index(name):], name]))
+            raise AssertionError("import circle: " + " -> ".join([*trail[trail.index(name) :], name]))
         if name in done:
             return
         for imported in sorted(graph[name]):

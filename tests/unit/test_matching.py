@@ -23,24 +23,33 @@ T0 = 1_767_225_600.0
 BASE: dict[str, Any] = {
     "pipeline": {
         "consumer": "test",
-        "topics": [{"name": "triggers", "triggers": [
-            {"name": "T-CART", "label": "cart"},
-            {"name": "T-BROWSE", "label": "browse"},
-            {"name": "T-BUY", "label": "purchase"},
-            {"name": "T-OTHER", "label": "other"},
-        ]}],
+        "topics": [
+            {
+                "name": "triggers",
+                "triggers": [
+                    {"name": "T-CART", "label": "cart"},
+                    {"name": "T-BROWSE", "label": "browse"},
+                    {"name": "T-BUY", "label": "purchase"},
+                    {"name": "T-OTHER", "label": "other"},
+                ],
+            }
+        ],
     },
     "campaigns": [
         {
-            "id": "cart_abandonment", "trigger": "cart",
+            "id": "cart_abandonment",
+            "trigger": "cart",
             "identity": {"dimension": "eVar01", "column": "shopper_id"},
             "unless": {"trigger": "purchase", "within": "30m"},
-            "template": "cart_abandonment", "sender": "Shop <shop@example.com>",
+            "template": "cart_abandonment",
+            "sender": "Shop <shop@example.com>",
         },
         {
-            "id": "browse_abandonment", "trigger": "browse",
+            "id": "browse_abandonment",
+            "trigger": "browse",
             "identity": {"field": "mcId", "column": "mc_id"},
-            "template": "browse_abandonment", "sender": "Shop <shop@example.com>",
+            "template": "browse_abandonment",
+            "sender": "Shop <shop@example.com>",
         },
     ],
 }
@@ -56,7 +65,13 @@ def make_config(change: Any = None) -> TriggersConfig:
 
 def events_frame(config: TriggersConfig, *rows: dict[str, Any]) -> pd.DataFrame:
     """Staged events as matching reads them; dimension values given as lists are joined."""
-    columns = ["event_id", "trigger_id", "time_gmt", "mc_id", *(dimension_column(d) for d in config.dimensions)]
+    columns = [
+        "event_id",
+        "trigger_id",
+        "time_gmt",
+        "mc_id",
+        *(dimension_column(d) for d in config.dimensions),
+    ]
     records = []
     for number, row in enumerate(rows):
         record: dict[str, Any] = {
@@ -74,7 +89,10 @@ def events_frame(config: TriggersConfig, *rows: dict[str, Any]) -> pd.DataFrame:
 
 def recipients_frame(*rows: dict[str, Any]) -> pd.DataFrame:
     defaults = {"email": None, "opted_out": False, "shopper_id": None, "mc_id": None}
-    frame = pd.DataFrame([{**defaults, **row} for row in rows], columns=["recipient_id", "email", "opted_out", "shopper_id", "mc_id"])
+    frame = pd.DataFrame(
+        [{**defaults, **row} for row in rows],
+        columns=["recipient_id", "email", "opted_out", "shopper_id", "mc_id"],
+    )
     return frame
 
 
@@ -85,10 +103,17 @@ PEOPLE = recipients_frame(
     {"recipient_id": "r4", "email": "not an address", "shopper_id": "S4", "mc_id": "MC4"},
     {"recipient_id": "r5", "email": None, "shopper_id": "S5"},
 )
-NO_HISTORY = pd.DataFrame({"recipient_id": [], "campaign_id": [], "event_time": pd.Series([], dtype=float), "event_id": []})
+NO_HISTORY = pd.DataFrame(
+    {"recipient_id": [], "campaign_id": [], "event_time": pd.Series([], dtype=float), "event_id": []}
+)
 
 
-def run(config: TriggersConfig, events: pd.DataFrame, people: pd.DataFrame = PEOPLE, history: pd.DataFrame = NO_HISTORY) -> pd.DataFrame:
+def run(
+    config: TriggersConfig,
+    events: pd.DataFrame,
+    people: pd.DataFrame = PEOPLE,
+    history: pd.DataFrame = NO_HISTORY,
+) -> pd.DataFrame:
     return decide(events, people, events, history, config)
 
 
@@ -112,7 +137,10 @@ def test_each_event_goes_to_the_campaigns_of_its_trigger_and_others_match_nothin
         {"id": "p", "trigger": "purchase", "eVar01": "S2"},
         {"id": "o", "trigger": "other", "mc": "MC1"},
     )
-    assert outcome(run(config, events)) == [("c", "cart_abandonment", "pending"), ("b", "browse_abandonment", "pending")]
+    assert outcome(run(config, events)) == [
+        ("c", "cart_abandonment", "pending"),
+        ("b", "browse_abandonment", "pending"),
+    ]
 
 
 def test_a_campaign_may_name_the_trigger_id_instead_of_its_label() -> None:
@@ -124,16 +152,27 @@ def test_a_campaign_may_name_the_trigger_id_instead_of_its_label() -> None:
 def test_the_wildcard_trigger_feeds_a_campaign_every_trigger() -> None:
     def wildcard(data: dict[str, Any]) -> None:
         data["pipeline"]["topics"][0]["triggers"].append({"name": "*", "label": "anything"})
-        data["campaigns"].append({
-            "id": "all", "trigger": "anything", "identity": {"field": "mcId", "column": "mc_id"},
-            "template": "t", "sender": "s@example.com",
-        })
+        data["campaigns"].append(
+            {
+                "id": "all",
+                "trigger": "anything",
+                "identity": {"field": "mcId", "column": "mc_id"},
+                "template": "t",
+                "sender": "s@example.com",
+            }
+        )
 
     config = make_config(wildcard)
     assert compile_rules(config)[2].trigger_ids is None
-    events = events_frame(config, {"id": "x", "trigger": "T-NEVER-SEEN", "mc": "MC1"}, {"id": "b", "trigger": "browse", "mc": "MC2"})
+    events = events_frame(
+        config,
+        {"id": "x", "trigger": "T-NEVER-SEEN", "mc": "MC1"},
+        {"id": "b", "trigger": "browse", "mc": "MC2"},
+    )
     assert outcome(run(config, events)) == [
-        ("x", "all", "pending"), ("b", "browse_abandonment", "pending"), ("b", "all", "pending"),
+        ("x", "all", "pending"),
+        ("b", "browse_abandonment", "pending"),
+        ("b", "all", "pending"),
     ]
 
 
@@ -158,7 +197,9 @@ def test_last_value_edges() -> None:
 
 
 def cond(op: str, value: Any = None) -> Any:
-    config = make_config(lambda d: d["campaigns"][0].update(where=[{"dimension": "pageName", "op": op, "value": value}]))
+    config = make_config(
+        lambda d: d["campaigns"][0].update(where=[{"dimension": "pageName", "op": op, "value": value}])
+    )
     return config.campaigns[0].where[0]
 
 
@@ -279,7 +320,13 @@ def test_unless_match_on_needs_a_shared_value_of_that_dimension() -> None:
         {"id": "cart-a", "trigger": "cart", "eVar01": "S1", "products": ["SKU-1", "SKU-2"], "t": T0},
         {"id": "cart-b", "trigger": "cart", "eVar01": "S2", "products": "SKU-7", "t": T0},
         {"id": "cart-c", "trigger": "cart", "eVar01": "S1", "t": T0 + 1},
-        {"id": "buy-1", "trigger": "purchase", "eVar01": "S1", "products": ["SKU-9", "SKU-2"], "t": T0 + MINUTE},
+        {
+            "id": "buy-1",
+            "trigger": "purchase",
+            "eVar01": "S1",
+            "products": ["SKU-9", "SKU-2"],
+            "t": T0 + MINUTE,
+        },
         {"id": "buy-2", "trigger": "purchase", "eVar01": "S2", "products": "SKU-8", "t": T0 + MINUTE},
     )
     assert outcome(run(config, events)) == [
@@ -341,7 +388,12 @@ def test_dedupe_counts_decisions_already_made() -> None:
     config = make_config(with_dedupe)
     events = events_frame(config, {"id": "now", "trigger": "browse", "mc": "MC1", "t": T0})
     history = pd.DataFrame(
-        {"recipient_id": ["r1"], "campaign_id": ["browse_abandonment"], "event_time": [T0 - 23 * HOUR], "event_id": ["old"]}
+        {
+            "recipient_id": ["r1"],
+            "campaign_id": ["browse_abandonment"],
+            "event_time": [T0 - 23 * HOUR],
+            "event_id": ["old"],
+        }
     )
     assert outcome(run(config, events, history=history)) == [("now", "browse_abandonment", "dedupe")]
     other_campaign = history.assign(campaign_id="cart_abandonment")
@@ -379,16 +431,30 @@ def test_frequency_cap_across_campaigns_earliest_first_one_person_two_identities
         {"id": "6", "trigger": "cart", "eVar01": "S1", "t": T0 + DAY + 30 * MINUTE},  # 2 and 5 inside
     )
     assert [r for *_, r in outcome(run(config, events))] == [
-        "pending", "pending", "frequency_cap", "pending", "pending", "frequency_cap",
+        "pending",
+        "pending",
+        "frequency_cap",
+        "pending",
+        "pending",
+        "frequency_cap",
     ]
 
 
 def test_frequency_cap_counts_decisions_already_made_on_both_sides() -> None:
     config = make_config(capped(1, "1h"))
     events = events_frame(config, {"id": "now", "trigger": "browse", "mc": "MC1", "t": T0})
-    for offset, expected in [(-59 * MINUTE, "frequency_cap"), (59 * MINUTE, "frequency_cap"), (-HOUR, "pending")]:
+    for offset, expected in [
+        (-59 * MINUTE, "frequency_cap"),
+        (59 * MINUTE, "frequency_cap"),
+        (-HOUR, "pending"),
+    ]:
         history = pd.DataFrame(
-            {"recipient_id": ["r1"], "campaign_id": ["cart_abandonment"], "event_time": [T0 + offset], "event_id": ["x"]}
+            {
+                "recipient_id": ["r1"],
+                "campaign_id": ["cart_abandonment"],
+                "event_time": [T0 + offset],
+                "event_id": ["x"],
+            }
         )
         assert outcome(run(config, events, history=history))[0][2] == expected, offset
 
@@ -403,7 +469,9 @@ def test_limit_reasons_scan_with_history_and_several_candidates() -> None:
             "time_gmt": [T0, T0 + 1, T0 + 2, T0 + 3],
         }
     )
-    history = pd.DataFrame({"recipient_id": ["r1"], "campaign_id": ["cart_abandonment"], "event_time": [T0 - HOUR]})
+    history = pd.DataFrame(
+        {"recipient_id": ["r1"], "campaign_id": ["cart_abandonment"], "event_time": [T0 - HOUR]}
+    )
     reasons = limit_reasons(candidates, history, rules, (2, 10 * HOUR))
     assert reasons.tolist() == [None, "frequency_cap", "frequency_cap", None]
 
@@ -417,7 +485,13 @@ def test_an_empty_batch_decides_nothing() -> None:
     decisions = run(config, events)
     assert decisions.empty
     assert list(decisions.columns) == [
-        "campaign_id", "recipient_id", "email", "event_id", "event_time", "status", "reason",
+        "campaign_id",
+        "recipient_id",
+        "email",
+        "event_id",
+        "event_time",
+        "status",
+        "reason",
     ]
     assert expand_candidates(events, compile_rules(config)).empty
 

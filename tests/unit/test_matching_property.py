@@ -65,10 +65,27 @@ PEOPLE = [  # person 3 is not in the audience; person 2 has opted out
     ("r2", "r2@example.com", "S2", "MC2", True),
 ]
 EVENT_COLUMNS = [
-    "event_id", "position", "consumer", "trigger_id", "time_gmt", "received_at", "status", "mc_id", "payload",
+    "event_id",
+    "position",
+    "consumer",
+    "trigger_id",
+    "time_gmt",
+    "received_at",
+    "status",
+    "mc_id",
+    "payload",
     *(dimension_column(d) for d in CONFIG.dimensions),
 ]
-DELIVERY_COLUMNS = ["delivery_id", "campaign_id", "recipient_id", "email", "event_id", "event_time", "status", "reason"]
+DELIVERY_COLUMNS = [
+    "delivery_id",
+    "campaign_id",
+    "recipient_id",
+    "email",
+    "event_id",
+    "event_time",
+    "status",
+    "reason",
+]
 
 event_strategy = st.fixed_dictionaries(
     {
@@ -88,7 +105,11 @@ def stage(url: str, events: list[dict[str, Any]]) -> Any:
     rows = []
     for number, event in enumerate(events):
         person = event["person"]
-        shopper = None if event["kind"] == "browse" or (event["kind"] == "purchase" and event["by_mc"]) else f"S{person}"
+        shopper = (
+            None
+            if event["kind"] == "browse" or (event["kind"] == "purchase" and event["by_mc"])
+            else f"S{person}"
+        )
         time_gmt = T0 + event["t"]
         dims = {
             "dim_evar01": shopper,
@@ -96,8 +117,18 @@ def stage(url: str, events: list[dict[str, Any]]) -> Any:
             "dim_products": VALUE_SEPARATOR.join(event["products"]) or None,
         }
         rows.append(
-            (f"ev{number:03d}", str(number), "prop", TRIGGERS[event["kind"]], time_gmt, time_gmt, "new", f"MC{person}", "{}",
-             *(dims[c] for c in EVENT_COLUMNS[9:]))
+            (
+                f"ev{number:03d}",
+                str(number),
+                "prop",
+                TRIGGERS[event["kind"]],
+                time_gmt,
+                time_gmt,
+                "new",
+                f"MC{person}",
+                "{}",
+                *(dims[c] for c in EVENT_COLUMNS[9:]),
+            )
         )
     with engine.begin() as conn:
         bulk_write(conn, table, EVENT_COLUMNS, rows)
@@ -107,7 +138,9 @@ def stage(url: str, events: list[dict[str, Any]]) -> Any:
 
 def snapshot(engine: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
     with engine.connect() as conn:
-        decided = pd.read_sql(text(f"SELECT {', '.join(DELIVERY_COLUMNS)} FROM deliveries ORDER BY delivery_id"), conn)
+        decided = pd.read_sql(
+            text(f"SELECT {', '.join(DELIVERY_COLUMNS)} FROM deliveries ORDER BY delivery_id"), conn
+        )
         statuses = pd.read_sql(text("SELECT event_id, status FROM pipeline_events ORDER BY event_id"), conn)
     return decided, statuses
 
@@ -150,7 +183,9 @@ def test_one_run_or_many_runs_and_batches_write_the_same_deliveries(
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(events=st.lists(event_strategy, max_size=14), cuts=st.lists(st.integers(0, 700), max_size=4))
-def test_backfill_intervals_in_order_write_what_one_run_writes(events: list[dict[str, Any]], cuts: list[int]) -> None:
+def test_backfill_intervals_in_order_write_what_one_run_writes(
+    events: list[dict[str, Any]], cuts: list[int]
+) -> None:
     with tempfile.TemporaryDirectory() as folder:
         whole = stage(f"sqlite:///{Path(folder) / 'whole.db'}", events)
         split = stage(f"sqlite:///{Path(folder) / 'split.db'}", events)
