@@ -123,6 +123,23 @@ class _Load:
         ).fetchall()
         return pd.DataFrame.from_records(rows, columns=["recipient_id", "shopper_id", "mc_id", "opted_out"])
 
+    def reject_taken_identities(self, chunk: pd.DataFrame, existing: pd.DataFrame) -> None:
+        """A shopper_id or mc_id that belongs to another recipient, in the database or above."""
+        ids = chunk["recipient_id"]
+        for column in UNIQUE_IDENTITIES:
+            if column not in chunk:
+                continue
+            values = chunk[column]
+            # earlier chunks are already written in this transaction: the database knows them too
+            in_db = existing[existing[column].notna()]
+            holder = values.map(pd.Series(in_db["recipient_id"].to_numpy(), index=in_db[column].to_numpy()))
+            taken = (values != "") & holder.notna() & (holder != ids)
+            self.reject(chunk, taken, f"{column}_taken", f"{column} already belongs to another recipient")
+            # two rows of this chunk claiming one value: the first keeps it
+            open_values = values.where(chunk["_reason"].isna() & (values != ""))
+            clash = open_values.notna() & open_values.duplicated()
+            self.reject(chunk, clash, f"{column}_taken", f"{column} already given to another recipient above")
+
     def chunk(self, chunk: pd.DataFrame, first_line: int) -> None:
         chunk.columns = [str(c).strip() for c in chunk.columns]
         chunk = chunk.apply(lambda column: column.str.strip())
@@ -146,19 +163,7 @@ class _Load:
             "opted_out is not true/false, 1/0 or yes/no",
         )
         existing = self.existing(chunk[chunk["_reason"].isna()])
-        for column in UNIQUE_IDENTITIES:
-            if column not in chunk:
-                continue
-            values = chunk[column]
-            # earlier chunks are already written in this transaction: the database knows them too
-            in_db = existing[existing[column].notna()]
-            holder = values.map(pd.Series(in_db["recipient_id"].to_numpy(), index=in_db[column].to_numpy()))
-            taken = (values != "") & holder.notna() & (holder != ids)
-            self.reject(chunk, taken, f"{column}_taken", f"{column} already belongs to another recipient")
-            # two rows of this chunk claiming one value: the first keeps it
-            open_values = values.where(chunk["_reason"].isna() & (values != ""))
-            clash = open_values.notna() & open_values.duplicated()
-            self.reject(chunk, clash, f"{column}_taken", f"{column} already given to another recipient above")
+        self.reject_taken_identities(chunk, existing)
         accepted = chunk[chunk["_reason"].isna()]
         self.counts["rejected"] += len(chunk) - len(accepted)
         if accepted.empty:
