@@ -259,7 +259,8 @@ def measure_cycle(
 ) -> dict:
     """Drain the backlog of one run with each fetch size, then match and deliver each copy."""
     from include.database.engine import make_engine
-    from include.delivery.run import DeliveryOptions, deliver_pending
+    from include.delivery.options import DeliveryOptions
+    from include.delivery.run import deliver_pending
     from include.delivery.smtp import SmtpSettings
     from include.matching.run import match_ready_events
     from include.staging.drain import drain

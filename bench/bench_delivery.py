@@ -298,7 +298,8 @@ def plain_smtplib(port: int, messages, connections: int = 1) -> float:
 def delivery_path(
     engine, config, port: int, count: int, connections: int, window: int | None = None
 ) -> float:
-    from include.delivery.run import DeliveryOptions, deliver_pending
+    from include.delivery.options import DeliveryOptions
+    from include.delivery.run import deliver_pending
     from include.delivery.smtp import SmtpSettings
 
     # what PipeliningSmtpHook reads from {"disable_ssl": true, "disable_tls": true}, built here so

@@ -71,7 +71,10 @@ def triggers_pipeline() -> None:
 
         if _window().backfill:
             return {"received": 0, "skipped": "backfill"}
-        with open_resources() as res, AdobePipelineHook.for_config(res.config) as hook:
+        with (
+            open_resources() as res,
+            AdobePipelineHook.for_config(res.config, res.settings.pipeline_conn_id) as hook,
+        ):
             return drain_journal(res.engine, res.config, hook.get_conn()).as_dict()
 
     @task
@@ -88,7 +91,8 @@ def triggers_pipeline() -> None:
     def deliver(_matched: dict[str, int]) -> dict[str, int]:
         """Send the pending emails, each delivery_id at most once."""
         from include.delivery.hook import PipeliningSmtpHook
-        from include.delivery.run import DeliveryOptions, deliver_pending
+        from include.delivery.options import DeliveryOptions
+        from include.delivery.run import deliver_pending
         from include.resources import open_resources
 
         window = _window()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -267,7 +267,7 @@ def load_config(
 class Settings:
     """Where things are: the environment with working defaults."""
 
-    db_url: str
+    db_url: str = field(repr=False)  # may hold a password
     config_path: Path
     templates_dir: Path
     pipeline_conn_id: str = "adobe_pipeline"

@@ -29,17 +29,16 @@ class Resources:
 
 
 @contextmanager
-def open_resources(*, load: bool = True, check: bool = True) -> Iterator[Resources]:
-    """Settings from the environment, the configuration (unless ``load`` is False: commands that
-    only need the database), and an engine on a current schema (unless ``check`` is False: the
-    command that upgrades it), disposed of on exit."""
+def open_resources(*, check: bool = True) -> Iterator[Resources]:
+    """Settings from the environment, the validated configuration, and an engine on a current
+    schema (unless ``check`` is False: the command that upgrades it), disposed of on exit."""
     settings = Settings.from_env()
-    config = load_config(settings.config_path, settings.templates_dir) if load else None
+    config = load_config(settings.config_path, settings.templates_dir)
     engine = make_engine(settings.db_url)
     try:
         if check:
-            check_current(engine, config.dimensions if config else ())
-        yield Resources(settings, config, engine)  # type: ignore[arg-type]
+            check_current(engine, config.dimensions)
+        yield Resources(settings, config, engine)
     finally:
         engine.dispose()
 

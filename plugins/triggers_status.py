@@ -64,6 +64,8 @@ def _now() -> float:
     return time.time()
 
 
+# not open_resources(): the api-server lives long, so its engine (and pool) is kept across requests,
+# and a database not yet upgraded shows as an error on the page instead of failing the request
 @lru_cache(maxsize=4)
 def _engine(url: str) -> Any:
     from include.database.engine import make_engine

@@ -46,7 +46,8 @@ class AdobePipelineHook(BaseHook):
     def for_config(
         cls, config: TriggersConfig, adobe_pipeline_conn_id: str = default_conn_name
     ) -> AdobePipelineHook:
-        """The hook for the configuration's consumer and retry_validity."""
+        """The hook for the configuration's consumer and retry_validity, on the connection that
+        ``Settings.pipeline_conn_id`` names."""
         pipeline = config.pipeline
         return cls(adobe_pipeline_conn_id, consumer=pipeline.consumer, retry_validity=pipeline.retry_validity)
 

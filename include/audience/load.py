@@ -242,7 +242,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from include.resources import open_resources
 
-    with open_resources(load=False) as res:
+    with open_resources() as res:
         report = load_recipients(res.engine, args.path, chunk_size=args.chunk_size)
     print(
         f"{args.path}: {report['loaded']} loaded ({report['inserted']} new, {report['updated']} updated), "

@@ -44,6 +44,19 @@ def list_param(bind: Connection | Engine, items: Iterable[Any]) -> str:
     return '{"' + body + '"}' if items else "{}"
 
 
+def row_address(bind: Connection | Engine) -> str:
+    """The SQL of a row's physical address as text (SQLite's rowid, PostgreSQL's ctid): an update
+    by address reaches the row without an index (see ``row_address_in``)."""
+    return "ctid::text" if bind.dialect.name == "postgresql" else "rowid"
+
+
+def row_address_in(bind: Connection | Engine, name: str) -> str:
+    """SQL for "the row's address is in the list bound as ``name``" (``list_param`` of addresses)."""
+    if bind.dialect.name == "postgresql":
+        return f"ctid = ANY(CAST(:{name} AS tid[]))"
+    return f"rowid IN (SELECT value FROM json_each(:{name}))"
+
+
 def driver_sql(bind: Connection | Engine, sql: str) -> str:
     """``sql`` with its ``:name`` parameters in the driver's style, for the DBAPI cursor or
     ``exec_driver_sql``: psycopg takes ``%(name)s``, sqlite3 ``:name`` as it is (``::`` casts stay)."""

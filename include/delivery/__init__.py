@@ -5,6 +5,6 @@ reads ``smtp_default`` through the SMTP provider. Inside: ``render`` (templates,
 ``render_pool`` (rows to messages, render processes), ``eligibility`` (send-time re-check),
 ``claims`` (select, re-check, render, claim), ``smtp`` (the protocol, with pipelining),
 ``ratelimit``, ``sender`` (a thread per connection), ``recorder`` (group commit), ``recovery``
-(interrupted claims). May import config, errors, runtime, database, staging.parser, matching;
+(interrupted claims), ``state`` (what they share), ``options`` (``DeliveryOptions``). May import config, errors, runtime, database, staging.parser, matching;
 never operations or the sandbox.
 """

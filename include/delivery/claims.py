@@ -85,10 +85,8 @@ class Producer:
                 for job in jobs:
                     if state.stopping:
                         state.release(job)
-                    else:
-                        state.work.put(
-                            job
-                        )  # a job queued after the last sender stopped is released at the end
+                    else:  # a job queued after the last sender stopped is released at the end
+                        state.work.put(job)
 
     def _wait_for_room(self) -> None:
         work, state = self.state.work, self.state

@@ -46,13 +46,18 @@ class PipeliningSmtpHook(SmtpHook):
             password=self.smtp_password,
             use_ssl=self.use_ssl,
             starttls=self.smtp_starttls,
-            timeout=float(self.timeout),
+            timeout=float(self.conn.extra_dejson.get("timeout", 30)),  # the provider truncates to int
             retry_limit=self.smtp_retry_limit,
             from_email=self.from_email,
             verify_certificates=self.ssl_context != "none",
         )
 
     def _refuse_ambiguous_extras(self) -> None:
+        if self.auth_type != "basic":
+            raise SmtpUnavailableError(
+                f"{self.smtp_conn_id} extra auth_type {self.auth_type!r} is not supported by the sender: "
+                "use a login and password (auth_type basic, the default)"
+            )
         if self.ssl_context not in (None, "default", "none"):
             raise SmtpUnavailableError(
                 f"{self.smtp_conn_id} extra ssl_context must be 'default' or 'none', not {self.ssl_context!r}"

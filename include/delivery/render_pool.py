@@ -145,11 +145,8 @@ class BatchRenderer:
                         self.campaigns,
                     ),
                 )
-            except (
-                OSError,
-                AssertionError,
-                ValueError,
-            ) as error:  # e.g. a daemonic process may not have children
+            # e.g. a daemonic process may not have children
+            except (OSError, AssertionError, ValueError) as error:
                 log.warning("rendering in this process: cannot start render processes (%s)", error)
                 self.processes = 0
             return None

@@ -149,6 +149,3 @@ def main(args: argparse.Namespace) -> int:
         )
         print(deliver_pending(res.engine, res.config, smtp, options))
     return 0
-
-
-__all__ = ["DeliveryOptions", "deliver_pending"]

@@ -19,7 +19,7 @@ import pandas as pd
 from sqlalchemy import Connection, text
 
 from include.config import TriggersConfig, dimension_column
-from include.database.sql import driver_sql, in_list, list_param
+from include.database.sql import driver_sql, in_list, list_param, row_address
 from include.matching.decisions import HISTORY_COLUMNS, Audience, no_history
 from include.matching.rules import MC_ID, Rule, hold_of, identity_sources, latest_ready_time, person_columns
 from include.matching.values import empty_frame, objects
@@ -124,7 +124,7 @@ def read_ready_events(
     # byte order for ties on both databases, as Python compares. The row's physical address
     # (SQLite's rowid, PostgreSQL's ctid) lets the status update reach it without the key index.
     postgres = conn.dialect.name == "postgresql"
-    row_key = "ctid::text" if postgres else "rowid"
+    row_key = row_address(conn)
     tie_order = 'event_id COLLATE "C"' if postgres else "event_id"
     params: dict[str, Any] = {"limit": limit}
     shared = ["status = 'new'"]

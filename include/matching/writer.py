@@ -18,7 +18,7 @@ import pandas as pd
 from sqlalchemy import Connection, Engine, text
 
 from include.database.schema import deliveries
-from include.database.sql import bulk_write, in_list, list_param
+from include.database.sql import bulk_write, in_list, list_param, row_address_in
 from include.matching.decisions import delivery_ids
 from include.runtime import collector_paused, spawn_pool
 
@@ -56,14 +56,9 @@ def _mark_events(conn: Connection, events: pd.DataFrame, status: str, at: float)
     statement = "UPDATE pipeline_events SET status = :status, processed_at = :at WHERE "
     params: dict[str, Any] = {"status": status, "at": at}
     if "row_key" in events:
-        postgres = conn.dialect.name == "postgresql"
-        where = (
-            "ctid = ANY(CAST(:keys AS tid[]))"
-            if postgres
-            else "rowid IN (SELECT value FROM json_each(:keys))"
-        )
         keys = list_param(conn, events["row_key"].tolist())
-        marked = conn.execute(text(statement + where + " AND status = 'new'"), {**params, "keys": keys})
+        where = row_address_in(conn, "keys") + " AND status = 'new'"
+        marked = conn.execute(text(statement + where), {**params, "keys": keys})
         if marked.rowcount == len(events):
             return
     where = f"{in_list(conn, 'event_id', 'ids')} AND status = 'new'"
@@ -131,11 +126,8 @@ class BatchWriter:
         url = self.engine.url.render_as_string(hide_password=False)
         try:
             self.process = spawn_pool(1, _start_writer_process, (url,))
-        except (
-            OSError,
-            AssertionError,
-            ValueError,
-        ) as error:  # e.g. a daemonic process may not have children
+        # e.g. a daemonic process may not have children
+        except (OSError, AssertionError, ValueError) as error:
             log.warning(
                 "matching writes in this process: cannot start a writer process (%s)", type(error).__name__
             )

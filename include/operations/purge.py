@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, func, inspect, select
+from sqlalchemy import Engine, and_, delete, func, select
 
 from include.config import TriggersConfig
 from include.database.schema import deliveries, events_table, pipeline_runs
@@ -130,19 +130,14 @@ def purge(
 ) -> PurgeResult:
     """Apply every retention of ``config`` at ``now`` (unix seconds; a DAG passes its interval end)."""
     now = time.time() if now is None else float(now)
-    tables = set(inspect(engine).get_table_names())
     keep_deliveries = delivery_retention(config)
-    events_deleted = waiting = deliveries_deleted = runs_deleted = 0
-    if "pipeline_events" in tables:
-        events_deleted, waiting = purge_events(
-            engine, retention_seconds=config.pipeline.retention, now=now, batch_size=batch_size
-        )
-    if "deliveries" in tables:
-        deliveries_deleted = purge_deliveries(
-            engine, retention_seconds=keep_deliveries, now=now, batch_size=batch_size
-        )
-    if "pipeline_runs" in tables:
-        runs_deleted = purge_runs(engine, retention_seconds=keep_deliveries, now=now, batch_size=batch_size)
+    events_deleted, waiting = purge_events(
+        engine, retention_seconds=config.pipeline.retention, now=now, batch_size=batch_size
+    )
+    deliveries_deleted = purge_deliveries(
+        engine, retention_seconds=keep_deliveries, now=now, batch_size=batch_size
+    )
+    runs_deleted = purge_runs(engine, retention_seconds=keep_deliveries, now=now, batch_size=batch_size)
     result = PurgeResult(
         events_deleted=events_deleted,
         deliveries_deleted=deliveries_deleted,

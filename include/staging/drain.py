@@ -266,7 +266,10 @@ def main(args: argparse.Namespace) -> int:
     from include.resources import open_resources
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    with open_resources() as res, AdobePipelineHook.for_config(res.config) as hook:
+    with (
+        open_resources() as res,
+        AdobePipelineHook.for_config(res.config, res.settings.pipeline_conn_id) as hook,
+    ):
         report = drain(res.engine, res.config, hook.get_conn(), max_events=args.max_events)
     print(report.as_dict())
     return 0

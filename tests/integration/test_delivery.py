@@ -22,7 +22,8 @@ from include.config import DEFAULT_TEMPLATES_DIR, TriggersConfig, load_config
 from include.database.schema import deliveries, recipients
 from include.database.sql import bulk_write
 from include.delivery.hook import PipeliningSmtpHook
-from include.delivery.run import DeliveryOptions, deliver_pending
+from include.delivery.options import DeliveryOptions
+from include.delivery.run import deliver_pending
 from include.delivery.smtp import SmtpSettings
 from include.errors import SmtpUnavailableError
 from include.sandbox.smtp_server import LocalSmtpServer
@@ -407,7 +408,8 @@ KILLED_WORKER = textwrap.dedent(
     from include.config import DEFAULT_TEMPLATES_DIR, load_config
     from include.database.engine import make_engine
     from include.delivery.hook import PipeliningSmtpHook
-    from include.delivery.run import DeliveryOptions, deliver_pending
+    from include.delivery.options import DeliveryOptions
+    from include.delivery.run import deliver_pending
     url, port = sys.argv[1], int(sys.argv[2])
     config = load_config(None, DEFAULT_TEMPLATES_DIR)
     config = config.model_copy(update={"limits": config.limits.model_copy(update={"rate": None})})

@@ -15,7 +15,8 @@ from sqlalchemy import Engine
 
 from include.config import DEFAULT_TEMPLATES_DIR, TriggersConfig, load_config
 from include.database.engine import make_engine
-from include.delivery.run import DeliveryOptions, deliver_pending
+from include.delivery.options import DeliveryOptions
+from include.delivery.run import deliver_pending
 from include.sandbox.smtp_server import LocalSmtpServer
 from tests.integration.test_delivery import ROOT, deliver, received_ids, rows, seed, settings_of
 

@@ -113,6 +113,7 @@ def test_purge_deletes_in_bounded_batches(engine: Engine) -> None:
 
 
 def test_purge_of_an_empty_database_does_nothing(engine: Engine) -> None:
+    upgrade_schema(engine)
     result = purge(engine, parse_config(CONFIG), now=NOW)
     assert result.events_deleted == result.deliveries_deleted == result.old_events_waiting == 0
 

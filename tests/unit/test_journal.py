@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from include.errors import (
     PipelineRequestError,
     PipelineUnavailableError,
 )
+from include.sandbox.net import free_port
 
 CONSUMER = "customer_dev"
 
@@ -258,9 +258,7 @@ def test_a_retry_after_beyond_retry_validity_fails_at_once(pipeline, fake_time):
 
 def test_connection_errors_are_transient(pipeline, fake_time, monkeypatch):
     monkeypatch.setattr(random, "uniform", lambda low, high: high)
-    with socket.socket() as probe:  # a port that nothing listens on once closed
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nothing listens on it
     client = client_of(pipeline, fake_time, retry_validity=10)
     client.url = f"http://127.0.0.1:{port}/journal/{CONSUMER}"
     with pytest.raises(PipelineUnavailableError, match="ConnectionError"):
