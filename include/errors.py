@@ -54,3 +54,7 @@ class AudienceError(TriggersError):
 class SchemaOutOfDateError(TriggersError):
     """The staging database's schema is not the one this code needs (behind, ahead, or missing the
     configured dimension columns); the message names the database and the command that fixes it."""
+
+
+class RunLockTimeoutError(TriggersError):
+    """Another run of the same stage held its lock on the database for longer than this run waits."""
