@@ -47,6 +47,11 @@ class SmtpUnavailableError(TriggersError):
     """The SMTP relay of `smtp_default` could not be reached or logged into after the retries."""
 
 
+class RelayRefusedError(SmtpUnavailableError):
+    """The relay refuses every message, not one (authentication required or refused, sender or
+    relaying denied, the same 5xx again and again): the claimed deliveries went back to pending."""
+
+
 class AudienceError(TriggersError):
     """The audience CSV cannot be read or its header is wrong; nothing was loaded."""
 
@@ -58,3 +63,12 @@ class SchemaOutOfDateError(TriggersError):
 
 class RunLockTimeoutError(TriggersError):
     """Another run of the same stage held its lock on the database for longer than this run waits."""
+
+
+class UnreadablePageError(TriggersError):
+    """A journal page whose structure cannot be read at all (no ``{"events": [``); the drain stops
+    at its position, and ``drain --skip-unreadable-page`` quarantines it and goes on."""
+
+
+class PositionMovedError(TriggersError):
+    """The stored journal position moved while this drain ran (another drain); its batch rolled back."""

@@ -197,7 +197,7 @@ class Producer:
                 if change["status"] != "suppressed"
                 else f"suppressed_{change['reason'].split(':')[0]}"
             )
-            state.count("render_failed" if change["reason"].startswith("template_error") else key)
+            state.count("render_failed" if change["status"] == "failed" else key)
         self.claimed += len(claimed)
         with state.lock:
             state.outstanding += len(claimed)
@@ -230,6 +230,6 @@ def _sendable(
             closed.append({"id": delivery_id, "status": "suppressed", "reason": "invalid_email"})
         else:
             closed.append(
-                {"id": delivery_id, "status": "failed", "reason": f"template_error: {outcome[1]}"[:500]}
+                {"id": delivery_id, "status": "failed", "reason": f"{outcome[0]}: {outcome[1]}"[:500]}
             )
     return rendered

@@ -53,6 +53,11 @@ class PipeliningSmtpHook(SmtpHook):
         )
 
     def _refuse_ambiguous_extras(self) -> None:
+        if self.smtp_user and not self.smtp_password:  # else every message would meet a 530
+            raise SmtpUnavailableError(
+                f"{self.smtp_conn_id} has the login {self.smtp_user!r} but no password: set its password, "
+                "or remove the login for a relay that needs none"
+            )
         if self.auth_type != "basic":
             raise SmtpUnavailableError(
                 f"{self.smtp_conn_id} extra auth_type {self.auth_type!r} is not supported by the sender: "

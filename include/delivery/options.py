@@ -25,6 +25,12 @@ class DeliveryOptions:
     ``unsubscribe_url``: the URL template (default ``TRIGGERS_UNSUBSCRIBE_URL``).
     ``render_processes``: separate processes that render large runs (default
     :func:`~include.delivery.render_pool.default_render_processes`; 0 = in this process).
+    ``max_same_refusals``: the same 5xx reply to this many messages in a row on one connection is
+    taken as the relay refusing everything: the run stops, the claims go back (0 = never).
+
+    ``attempts`` (the column) counts relay attempts: a claim given back unsent (the run stopped,
+    the claim grew too old, the worker died) does not count, so a crash neither delays a delivery
+    by the retry backoff nor uses up ``max_attempts``.
     """
 
     templates_dir: str | os.PathLike[str]
@@ -42,6 +48,7 @@ class DeliveryOptions:
     wait_for_retries: float = 30.0
     unsubscribe_url: str | None = None
     render_processes: int | None = None
+    max_same_refusals: int = 5
 
     def __post_init__(self) -> None:
         if self.connections < 1 or self.window < 1 or self.batch_size < 1:

@@ -79,16 +79,17 @@ class Recorder:
     def _commit(self, items: list[Result]) -> None:
         """Record ``items`` in one transaction, then free their window slots."""
         changes = {} if self.database_down else self._changes(items)
-        if changes and not self._write(changes, len(items)):
-            changes = {}
+        recorded = self._write(changes, len(items)) if changes else {}
         for item in items:
             if item.done is not None:
                 item.done.release()
         state = self.state
         with state.lock:
             state.outstanding -= len(items)
-            for outcome, key in _COUNTED.items():
-                state.counts[key] += len(changes.get(outcome, ()))
+            for outcome, rows in recorded.items():
+                state.counts[_COUNTED[outcome]] += rows
+                # another run took the claim over (lease expired): its row is left alone
+                state.counts["taken_over"] += len(changes[outcome]) - rows
 
     def _changes(self, items: list[Result]) -> dict[str, list[dict[str, Any]]]:
         """The parameters of each statement to run, in this order; none for an empty one."""
@@ -110,24 +111,26 @@ class Recorder:
         changes = {"sent": sent, "failed": closed, "retry": retry, "release": release}
         return {outcome: params for outcome, params in changes.items() if params}
 
-    def _write(self, changes: dict[str, list[dict[str, Any]]], count: int) -> bool:
-        """One transaction, retried on a new connection; False (and the run stopped) when the
-        database does not come back: nothing else may be sent before it does."""
+    def _write(self, changes: dict[str, list[dict[str, Any]]], count: int) -> dict[str, int]:
+        """One transaction, retried on a new connection; the rows each outcome changed (a row no
+        longer claimed by this run is not); {} (and the run stopped) when the database does not
+        come back: nothing else may be sent before it does."""
         for attempt in itertools.count():
             try:
                 if self.conn is None:  # kept for the run: a checkout pings the database
                     self.conn = self.engine.connect()
                 with self.conn.begin():
-                    for outcome, params in changes.items():
-                        self.conn.exec_driver_sql(self.sql[outcome], params)
-                return True
+                    return {
+                        outcome: self.conn.exec_driver_sql(self.sql[outcome], params).rowcount
+                        for outcome, params in changes.items()
+                    }
             except Exception as error:
                 self._drop_connection()
                 if attempt >= 5:
                     log.error("cannot record %d delivery results: %s; stopping", count, error)
                     self.state.fatal.append(error)
                     self.database_down = True
-                    return False
+                    return {}
                 time.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")
 

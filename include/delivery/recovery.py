@@ -63,7 +63,8 @@ def requeue_interrupted(engine: Engine, *, lease: float = 600.0, now: float | No
 
     At most ``window`` of them per connection of that worker had been accepted by the server:
     those are sent again (the SPEC's crash window), with the same Message-ID; the others were
-    never handed to the server and are sent once.
+    never handed to the server and are sent once. A requeued row is due at once and its claim
+    does not count as an attempt (``attempts`` counts relay attempts; a crash is not one).
     """
     now = time.time() if now is None else now
     with engine.begin() as conn:
@@ -82,7 +83,9 @@ def requeue_interrupted(engine: Engine, *, lease: float = 600.0, now: float | No
         if orphans:
             conn.execute(
                 text(
-                    "UPDATE deliveries SET status = 'pending', reason = :reason "
+                    # not a relay attempt: uncounted, and due at once (no retry backoff)
+                    "UPDATE deliveries SET status = 'pending', reason = :reason, claimed_at = NULL, "
+                    "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END "
                     "WHERE delivery_id = :id AND status = 'sending' AND claimed_by = :by"
                 ),
                 orphans,

@@ -37,7 +37,7 @@ from urllib.parse import quote
 
 import jinja2
 
-from include.errors import InvalidEmailError, TemplateRenderError
+from include.errors import ConfigError, InvalidEmailError, TemplateRenderError
 
 DEFAULT_UNSUBSCRIBE_URL = "https://example.com/unsubscribe?d={delivery_id}"
 UNSUBSCRIBE_URL_ENV = "TRIGGERS_UNSUBSCRIBE_URL"
@@ -172,6 +172,37 @@ def unsubscribe_url_for(
         campaign_id=_url_part(campaign_id),
         recipient_id=_url_part(recipient_id or ""),
     )
+
+
+def check_delivery_settings(
+    unsubscribe_url: str,
+    unsubscribe_mailto: str | None,
+    senders: Mapping[str, str],
+    envelope_from: str | None,
+) -> None:
+    """Refuse, before anything is claimed, a setting that every message uses: else each delivery
+    would fail one by one for the same reason. :class:`ConfigError` names the setting."""
+    try:
+        sample = unsubscribe_url_for("d1", "c1", "r1", unsubscribe_url)
+    except (KeyError, IndexError, ValueError) as error:
+        raise ConfigError(
+            f"{UNSUBSCRIBE_URL_ENV} {unsubscribe_url[:100]!r}: only {{delivery_id}}, {{campaign_id}} and "
+            f"{{recipient_id}} may appear in braces ({type(error).__name__}: {error})"
+        ) from None
+    if _URL_FORBIDDEN.search(sample) or not sample.lower().startswith(("https://", "http://")):
+        raise ConfigError(
+            f"{UNSUBSCRIBE_URL_ENV} {unsubscribe_url[:100]!r} must be an http(s) URL without spaces, "
+            "quotes, commas or brackets"
+        )
+    checks = [(UNSUBSCRIBE_MAILTO_ENV, unsubscribe_mailto, normalize_email)] if unsubscribe_mailto else []
+    checks += [(f"campaign {cid!r} sender", sender, parse_sender) for cid, sender in senders.items()]
+    if envelope_from:
+        checks.append(("smtp_default extra from_email", envelope_from, normalize_email))
+    for name, value, check in checks:
+        try:
+            check(value)
+        except InvalidEmailError:
+            raise ConfigError(f"{name} {value[:100]!r} is not one valid email address") from None
 
 
 def _url_part(value: Any) -> str:

@@ -66,6 +66,8 @@ class RowRenderer:
                 out.append(("invalid_email", ""))
             except TemplateRenderError as error:
                 out.append(("template_error", str(error)))
+            except Exception as error:  # noqa: BLE001 - bad data (a time out of range...) fails its row only
+                out.append(("render_error", f"{type(error).__name__}: {error}"))
         return out
 
     def render_row(self, row: Mapping[str, Any]) -> RenderedEmail:

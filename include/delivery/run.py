@@ -7,6 +7,12 @@ The protocol of one delivery row::
                                                                    \\--4xx or dropped--> pending
                                                                         (retried after a backoff;
                                                                          failed after max_attempts)
+                                                                   \\--not sent, relay-wide 5xx,
+                                                                        worker died--> pending
+                                                                        (attempts-1: not an attempt)
+
+``attempts`` counts relay attempts only. An error preparing one row (rendering, its data) fails
+that row (``render_error: ...``); a setting every message uses is checked first (ConfigError).
 
 One run is a coordinator (this thread, running the producer of :mod:`~include.delivery.claims`),
 one sending thread per connection (:mod:`~include.delivery.sender`) and a recorder thread
@@ -32,7 +38,13 @@ from include.delivery.options import DeliveryOptions
 from include.delivery.ratelimit import RateLimiter
 from include.delivery.recorder import Recorder
 from include.delivery.recovery import registered_run, requeue_interrupted
-from include.delivery.render import DEFAULT_UNSUBSCRIBE_URL, UNSUBSCRIBE_URL_ENV, normalize_email
+from include.delivery.render import (
+    DEFAULT_UNSUBSCRIBE_URL,
+    UNSUBSCRIBE_MAILTO_ENV,
+    UNSUBSCRIBE_URL_ENV,
+    check_delivery_settings,
+    normalize_email,
+)
 from include.delivery.render_pool import BatchRenderer, CampaignSpec, default_render_processes
 from include.delivery.sender import Sender
 from include.delivery.smtp import SmtpSession, SmtpSettings
@@ -51,8 +63,11 @@ def deliver_pending(
     record it, with the rate limits of ``config.limits.rate`` (:class:`DeliveryOptions` says how).
 
     Returns the counts (sent, failed, retried, suppressed_<reason>, render_failed,
-    requeued_interrupted, ...). Raises :class:`SmtpUnavailableError` when no connection to the
-    relay could be made, after giving the unsent rows back.
+    requeued_interrupted, taken_over, ...). Raises :class:`ConfigError` for a setting every
+    message uses (unsubscribe URL or mailto, a sender address), before claiming anything;
+    :class:`SmtpUnavailableError` when no connection to the relay could be made, and
+    :class:`RelayRefusedError` (with the relay's reply) when it refuses every message, after
+    giving the unsent rows back.
     """
     campaigns = {c.id: CampaignSpec(c.id, c.template, c.sender) for c in config.campaigns}
     unsubscribe_url = (
@@ -60,6 +75,12 @@ def deliver_pending(
     )
     processes = (
         default_render_processes() if options.render_processes is None else max(0, options.render_processes)
+    )
+    check_delivery_settings(
+        unsubscribe_url,
+        os.environ.get(UNSUBSCRIBE_MAILTO_ENV),
+        {c.id: c.sender for c in config.campaigns},
+        smtp.from_email,
     )
     renderer = BatchRenderer(options.templates_dir, unsubscribe_url, campaigns, processes)
     envelope_from = normalize_email(smtp.from_email) if smtp.from_email else None
@@ -77,7 +98,7 @@ def deliver_pending(
     if state.fatal:
         error = state.fatal[0]
         if isinstance(error, SmtpUnavailableError):
-            raise SmtpUnavailableError(f"{error} (counts so far: {counts})") from None
+            raise type(error)(f"{error} (counts so far: {counts})") from None
         raise error
     return counts
 

@@ -4,7 +4,12 @@ Each takes claimed jobs from the queue and sends them on its :class:`~include.de
 the next message's commands behind the current body when one is already queued (pipelining),
 and hands each result to the recorder. A connection has at most ``window`` messages whose result
 is not yet committed (a window slot is freed by the recorder). A claim older than half the lease
-is given back unsent, so that a lease expiry elsewhere can never race a live sender.
+is given back unsent, so that a lease expiry elsewhere can never race a live sender: its age is
+checked when the job is taken and again right before its body goes (a reconnect loop may wait).
+
+A refusal of the relay as a whole (:func:`~include.delivery.smtp.relay_wide`, or the same 5xx
+reply to ``max_same_refusals`` messages in a row) stops the run with :class:`RelayRefusedError`;
+that message and every other claimed one go back to ``pending`` uncounted.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import time
 from include.delivery.ratelimit import RateLimiter
 from include.delivery.smtp import SmtpSession
 from include.delivery.state import STOP, Job, Result, RunState
-from include.errors import SmtpUnavailableError
+from include.errors import RelayRefusedError, SmtpUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +36,9 @@ class Sender:
         self.limiter = limiter
         self.index = index
         self.max_claim_age = state.options.lease / 2  # another run may requeue an older claim soon
+        self.max_same_refusals = state.options.max_same_refusals
+        self.last_refusal = ""
+        self.same_refusals = 0
 
     def run(self) -> None:
         state, work, session = self.state, self.state.work, self.session
@@ -55,9 +63,15 @@ class Sender:
                         job.rendered,
                         opened=opened,
                         following=following.rendered if following is not None else None,
+                        expires=time.monotonic() + self.max_claim_age - (state.clock() - job.claimed_at),
                     )
                 except SmtpUnavailableError as error:
                     self._give_up(error, job, following, window)
+                    return
+                if sent.outcome == "sent":
+                    self.same_refusals = 0
+                elif self._relay_refuses(sent.outcome, sent.reply):
+                    self._stop_run(sent.reply, job, following, window)
                     return
                 state.record(Result(job, sent.outcome, sent.reply, time.time(), window))
                 held, opened = following, sent.following_sent
@@ -71,6 +85,30 @@ class Sender:
             state.release(job)
             return False
         return True
+
+    def _relay_refuses(self, outcome: str, reply: str) -> bool:
+        """A relay-wide refusal, or the same 5xx reply to max_same_refusals messages in a row."""
+        if outcome == "relay":
+            return True
+        if outcome != "failed" or reply != self.last_refusal:
+            self.last_refusal, self.same_refusals = reply if outcome == "failed" else "", 0
+        if outcome == "failed":
+            self.same_refusals += 1
+        return 0 < self.max_same_refusals <= self.same_refusals
+
+    def _stop_run(self, reply: str, job: Job, following: Job | None, window: threading.Semaphore) -> None:
+        """Stop every connection; the unsent claims go back to pending, uncounted."""
+        address = self.session.settings.address
+        self.state.fatal.append(
+            RelayRefusedError(
+                f"the SMTP relay {address} refuses every message ({reply!r}); the claimed deliveries went "
+                "back to pending: check smtp_default's login and password, from_email and the relay's "
+                "sending permissions, then run again"
+            )
+        )
+        for unsent in (job, following):
+            if unsent is not None:
+                self.state.release(unsent, window)
 
     def _following(self, window: threading.Semaphore) -> Job | None:
         """The next job, if it can go right behind the current body: one is queued already, no
@@ -95,8 +133,9 @@ class Sender:
     def _give_up(
         self, error: SmtpUnavailableError, job: Job, following: Job | None, window: threading.Semaphore
     ) -> None:
-        """No connection could be made: the run fails if this was the last one, else goes on."""
-        if self.state.sender_gave_up():
+        """No connection could be made: the run fails if this was the last one (or the relay
+        refused the login: the others would meet the same), else goes on."""
+        if self.state.sender_gave_up() or isinstance(error, RelayRefusedError):
             self.state.fatal.append(error)
         else:
             log.warning("connection %d gives up, the others go on: %s", self.index, error)

@@ -7,6 +7,7 @@ and logs in; :class:`SmtpSession` sends messages on one connection, reopened whe
 
 from __future__ import annotations
 
+import math
 import smtplib
 import ssl
 import time
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from include.delivery.render import RenderedEmail
-from include.errors import SmtpUnavailableError
+from include.errors import RelayRefusedError, SmtpUnavailableError
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def open_client(settings: SmtpSettings) -> smtplib.SMTP:
         ) from None
     except smtplib.SMTPAuthenticationError as error:
         client.close()
-        raise SmtpUnavailableError(
+        raise RelayRefusedError(
             f"SMTP relay {settings.address} refused the login of {settings.login!r} ({error.smtp_code}); "
             "check the smtp_default connection's login and password"
         ) from None
@@ -100,6 +101,18 @@ def _dot_stuffed(data: bytes) -> bytes:
 
 
 _ACCEPTED = ((250,), (250, 251), (354,))  # what MAIL, RCPT and DATA answer when all is well
+_STAGES = ("MAIL", "RCPT", "DATA")
+_AUTH_REFUSALS = {530, 534, 535, 538}  # RFC 4954: authentication required, too weak, refused
+
+
+class ClaimExpired(Exception):
+    """The claim got older than the sender may use before the body went: it must not go."""
+
+
+def relay_wide(code: int, message: bytes, stage: str) -> bool:
+    """A 5xx that says the relay takes no message from us, whatever the recipient: authentication
+    required or refused, the sender refused (at MAIL FROM), relaying denied."""
+    return code >= 500 and (code in _AUTH_REFUSALS or stage == "MAIL" or b"relay" in message.lower())
 
 
 class Reply(NamedTuple):
@@ -109,6 +122,7 @@ class Reply(NamedTuple):
     message: bytes
     body_sent: bool
     following_sent: bool  # the next message's MAIL, RCPT and DATA went behind the body
+    stage: str = "BODY"  # where it ended: MAIL, RCPT, DATA (refused before the body) or BODY
 
 
 def _transaction(
@@ -118,6 +132,7 @@ def _transaction(
     *,
     opened: bool = False,
     following: bytes = b"",
+    expires: float = math.inf,
 ) -> Reply:
     """One message.
 
@@ -125,20 +140,23 @@ def _transaction(
     three replies are read together; the body goes only once all three were accepted, with the
     next message's MAIL, RCPT and DATA (``following``) in the same write: one round trip per
     message. ``opened``: this message's commands already went that way. Without PIPELINING
-    each command waits for its reply.
+    each command waits for its reply. Past ``expires`` (``time.monotonic()``) the body does not
+    go: :class:`ClaimExpired`, the caller drops the connection, which ends the transaction unsent.
     """
     pipelining = client.has_extn("pipelining")
     if pipelining and not opened:
         client.send(b"".join(commands))
     replies = []
-    for command, accepted in zip(commands, _ACCEPTED, strict=True):
+    for command, accepted, stage in zip(commands, _ACCEPTED, _STAGES, strict=True):
         if not pipelining:
             client.send(command)
         code, message = client.getreply()
         replies.append((code, message))
         if code == 421 or (code not in accepted and not pipelining):  # 421: closing, no further reply
-            return Reply(code, message, False, False)
+            return Reply(code, message, False, False, stage)
     if all(reply[0] in accepted for reply, accepted in zip(replies, _ACCEPTED, strict=True)):
+        if time.monotonic() > expires:  # checked right before the body: a reconnect loop may have waited
+            raise ClaimExpired
         chained = pipelining and bool(following)
         client.send(_dot_stuffed(data) + following if chained else _dot_stuffed(data))
         code, message = client.getreply()
@@ -146,15 +164,16 @@ def _transaction(
     if replies[2][0] == 354:
         client.send(b".\r\n")  # RFC 2920 3.1: DATA accepted though no recipient was: end it empty
         client.getreply()
-    for (code, message), accepted in zip(replies, _ACCEPTED, strict=True):
+    for (code, message), accepted, stage in zip(replies, _ACCEPTED, _STAGES, strict=True):
         if code not in accepted and code >= 400:
-            return Reply(code, message, False, False)
+            return Reply(code, message, False, False, stage)
     client.close()  # DATA answered neither 354 nor an error: the server is out of step with us
     raise smtplib.SMTPServerDisconnected(f"DATA answered {replies[2][0]}")
 
 
 class Sent(NamedTuple):
-    """What became of a message: ``outcome`` is sent, failed (5xx) or retry (4xx, dropped)."""
+    """What became of a message: ``outcome`` is sent, failed (5xx), retry (4xx, dropped), relay
+    (a 5xx refusing every message: :func:`relay_wide`) or release (the claim expired unsent)."""
 
     outcome: str
     reply: str
@@ -185,11 +204,19 @@ class SmtpSession:
             b"DATA\r\n",
         )
 
-    def send(self, message: RenderedEmail, *, opened: bool, following: RenderedEmail | None) -> Sent:
+    def send(
+        self,
+        message: RenderedEmail,
+        *,
+        opened: bool,
+        following: RenderedEmail | None,
+        expires: float = math.inf,
+    ) -> Sent:
         """Send ``message``; ``following``'s commands go behind its body when they can.
         ``opened``: ``message``'s commands went behind the previous body. A dropped connection is
         retried on a new one, up to ``retry_limit`` times; :class:`SmtpUnavailableError` when no
-        new one can be made."""
+        new one can be made. Once ``expires`` (``time.monotonic()``) has passed, the body does not
+        go (outcome ``release``)."""
         commands = self.commands(message)
         chained = b"".join(self.commands(following)) if following is not None else b""
         drops = 0
@@ -198,7 +225,10 @@ class SmtpSession:
                 self.client = self._connect()
                 opened = False
             try:
-                return self._send_once(self.client, commands, message.data, opened, chained)
+                return self._send_once(self.client, commands, message.data, opened, chained, expires)
+            except ClaimExpired:
+                self._drop()  # the relay discards a transaction whose body never ended
+                return Sent("release", "claim too old to send", False)
             except (smtplib.SMTPServerDisconnected, OSError) as error:
                 self._drop()
                 drops += 1
@@ -214,9 +244,10 @@ class SmtpSession:
         data: bytes,
         opened: bool,
         chained: bytes,
+        expires: float,
     ) -> Sent:
-        code, message, body_sent, following_sent = _transaction(
-            client, commands, data, opened=opened, following=chained
+        code, message, body_sent, following_sent, stage = _transaction(
+            client, commands, data, opened=opened, following=chained, expires=expires
         )
         reply = reply_text(code, message)
         if code == 250 and body_sent:
@@ -229,7 +260,9 @@ class SmtpSession:
                 client.rset()
             except smtplib.SMTPServerDisconnected:
                 self._drop()
-        return Sent("retry" if 400 <= code < 500 else "failed", reply, following_sent)
+        if 400 <= code < 500:
+            return Sent("retry", reply, following_sent)
+        return Sent("relay" if relay_wide(code, message, stage) else "failed", reply, following_sent)
 
     def _connect(self) -> smtplib.SMTP:
         delay = 0.2

@@ -13,7 +13,11 @@ next n messages, after their DATA or at their MAIL FROM or RCPT TO; ``reject(add
 at RCPT TO for that address; ``drop_next(n, at)`` closes the connection at the next n messages'
 MAIL FROM, RCPT TO or after their DATA, without a reply and without storing them;
 ``outage_after(n, seconds)`` takes the server down right after it stored and acknowledged its n-th
-message and brings it back on the same port; ``delay`` sleeps before each reply (a slow relay).
+message and brings it back on the same port; ``delay`` sleeps before each reply to a message
+body; ``reply_delay`` before every reply line (a slow relay, greeting and MAIL FROM included).
+A relay-wide refusal: ``credentials=...`` answers 530 to MAIL FROM without a login and 535 to a
+wrong one; ``fail_next(n, "550 5.7.1 Sender refused", at="MAIL")`` or ``"554 5.7.1 Relay access
+denied"`` at ``RCPT``.
 ``stop()`` / ``start()`` restart on the same port.
 
 What it saw, for the tests: ``messages``, ``replies`` (every reply line it sent), ``reads`` (how
@@ -83,6 +87,7 @@ class Faults:
     outage_at: int | None = None
     outage_seconds: float = 1.0
     delay: float = 0.0
+    reply_delay: float = 0.0
 
 
 class _Handler:
@@ -183,6 +188,8 @@ class _RecordingSMTP(SMTP):
         super().data_received(data)
 
     async def push(self, status: AnyStr) -> None:
+        if self.local_server.faults.reply_delay:
+            await asyncio.sleep(self.local_server.faults.reply_delay)
         self.local_server.replies.append(
             status if isinstance(status, str) else status.decode("utf-8", "replace")
         )
