@@ -13,8 +13,21 @@ The near-real-time micro-batch of Adobe Campaign's Triggers integration:
 5. **report** the run's counts and lag (this task's XCom, and the Triggers status view).
 
 A backfill run skips the drain and processes only the events whose time falls in its
-data interval. Settings: `TRIGGERS_SCHEDULE` (cron, default every minute), `TRIGGERS_DB_URL`,
-`TRIGGERS_CONFIG`, `TRIGGERS_TEMPLATES`. See the README for tuning.
+data interval.
+
+**One failing stage does not stop the others.** `match`, `deliver` and `report` run once their
+upstream tasks are done, whatever their state: a drain that fails (journal down past
+`retry_validity`, 403, a page that cannot be read) still lets the run match and send what is
+already staged, and the run's counts are still recorded. The last task, **all_stages_succeeded**,
+runs only when every stage succeeded, so such a run still ends *failed* in the UI. `authenticate`
+and `drain` are not retried by Airflow: the journal client already retries for
+`retry_validity`, and the next run (one schedule interval later) drains from the stored
+position; retrying here would only hold back matching and delivery.
+
+Every task has an `execution_timeout`: `TRIGGERS_<TASK>_TIMEOUT` in seconds (e.g.
+`TRIGGERS_DELIVER_TIMEOUT`; defaults in `_TIMEOUTS`). Settings: `TRIGGERS_SCHEDULE` (cron,
+default every minute), `TRIGGERS_DB_URL`, `TRIGGERS_CONFIG`, `TRIGGERS_TEMPLATES`. See the
+README for tuning.
 """
 
 from __future__ import annotations
@@ -24,10 +37,36 @@ from datetime import timedelta
 from typing import Any
 
 import pendulum
-from airflow.sdk import CronDataIntervalTimetable, dag, get_current_context, task
+from airflow.sdk import CronDataIntervalTimetable, TriggerRule, dag, get_current_context, task
 
 SCHEDULE = os.environ.get("TRIGGERS_SCHEDULE", "* * * * *")
 DELIVERY_CONNECTIONS = int(os.environ.get("TRIGGERS_SMTP_CONNECTIONS", "2"))
+# seconds; a task past its timeout fails (and is retried where it has retries)
+_TIMEOUTS = {
+    "authenticate": 120,
+    "drain": 900,
+    "match": 1800,
+    "deliver": 1800,
+    "report": 300,
+    "all_stages_succeeded": 60,
+}
+
+
+def _limits(task_id: str, **settings: Any) -> dict[str, Any]:
+    """The task's id, its execution_timeout (``TRIGGERS_<TASK>_TIMEOUT`` overrides) and ``settings``."""
+    name = f"TRIGGERS_{task_id.upper()}_TIMEOUT"
+    raw = os.environ.get(name, str(_TIMEOUTS[task_id]))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{name} is {raw!r}: set it to a number of seconds above 0, or unset it")
+    return {"task_id": task_id, "execution_timeout": timedelta(seconds=seconds), **settings}
+
+
+# runs once its upstream tasks are done, whatever their state: one failed stage stops no other
+_AFTER_UPSTREAM = {"trigger_rule": TriggerRule.ALL_DONE}
 
 
 def _window():
@@ -52,7 +91,7 @@ def _window():
     },
 )
 def triggers_pipeline() -> None:
-    @task
+    @task(**_limits("authenticate", retries=0))
     def authenticate() -> dict[str, Any]:
         """Obtain (or reuse) the IMS token; only its expiry goes to XCom, never the token."""
         from include.adobe.hook import AdobePipelineHook
@@ -62,7 +101,7 @@ def triggers_pipeline() -> None:
         with AdobePipelineHook() as hook:
             return hook.get_conn().authenticator.token_info()
 
-    @task
+    @task(**_limits("drain", retries=0))
     def drain(_token: dict[str, Any]) -> dict[str, Any]:
         """Stage every journal event after the stored position."""
         from include.adobe.hook import AdobePipelineHook
@@ -77,8 +116,8 @@ def triggers_pipeline() -> None:
         ):
             return drain_journal(res.engine, res.config, hook.get_conn()).as_dict()
 
-    @task
-    def match(_drained: dict[str, Any]) -> dict[str, int]:
+    @task(**_limits("match", **_AFTER_UPSTREAM))
+    def match() -> dict[str, int]:
         """Decide who gets which email for every ready event (or the backfill interval's)."""
         from include.matching.run import match_ready_events
         from include.resources import open_resources
@@ -87,8 +126,8 @@ def triggers_pipeline() -> None:
         with open_resources() as res:
             return match_ready_events(res.engine, res.config, now=window.now, interval=window.interval)
 
-    @task
-    def deliver(_matched: dict[str, int]) -> dict[str, int]:
+    @task(**_limits("deliver", **_AFTER_UPSTREAM))
+    def deliver() -> dict[str, int]:
         """Send the pending emails, each delivery_id at most once."""
         from include.delivery.hook import PipeliningSmtpHook
         from include.delivery.options import DeliveryOptions
@@ -106,19 +145,28 @@ def triggers_pipeline() -> None:
             )
             return deliver_pending(res.engine, res.config, smtp, options)
 
-    @task
-    def report(drained: dict[str, Any], matched: dict[str, int], delivered: dict[str, int]) -> dict[str, Any]:
-        """Record the run's counts and lag; they show in this task's XCom and the status view."""
+    @task(**_limits("report", **_AFTER_UPSTREAM))
+    def report(
+        drained: dict[str, Any] | None, matched: dict[str, int] | None, delivered: dict[str, int] | None
+    ) -> dict[str, Any]:
+        """Record the run's counts and lag; they show in this task's XCom and the status view.
+        A stage that failed has no counts (None): the record names it in ``failed_stages``."""
         from include.operations.report import record_run
         from include.resources import open_resources
 
         with open_resources() as res:
             return record_run(res.engine, _window().run_id, drained, matched, delivered)
 
-    drained = drain(authenticate())
-    matched = match(drained)
-    delivered = deliver(matched)
-    report(drained, matched, delivered)
+    @task(**_limits("all_stages_succeeded", trigger_rule=TriggerRule.ALL_SUCCESS))
+    def all_stages_succeeded() -> None:
+        """Runs only when every stage succeeded: a run in which one failed ends failed."""
+
+    token = authenticate()
+    drained = drain(token)
+    matched = match()  # ordered, not fed: a failed drain leaves no XCom to pull
+    delivered = deliver()
+    drained >> matched >> delivered
+    [token, drained, matched, delivered, report(drained, matched, delivered)] >> all_stages_succeeded()
 
 
 triggers_pipeline_dag = triggers_pipeline()

@@ -13,7 +13,9 @@ The daily purge of the staging database, as Campaign's purge of its pipeline eve
 
 Deletes run in batches of `TRIGGERS_PURGE_BATCH` rows (default 10,000), one transaction each.
 The cut-off is the end of the run's data interval, so a rerun deletes what the original run
-would have. Settings: `TRIGGERS_DB_URL`, `TRIGGERS_CONFIG`.
+would have. The task fails after `TRIGGERS_PURGE_TIMEOUT` seconds (default 7200); a purge
+cut short has committed its earlier batches, and the next run goes on. Settings:
+`TRIGGERS_DB_URL`, `TRIGGERS_CONFIG`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import pendulum
 from airflow.sdk import dag, get_current_context, task
 
 _BATCH_SIZE = int(os.environ.get("TRIGGERS_PURGE_BATCH", "10000"))
+_TIMEOUT = timedelta(seconds=float(os.environ.get("TRIGGERS_PURGE_TIMEOUT", "7200")))
 
 
 @dag(
@@ -34,7 +37,12 @@ _BATCH_SIZE = int(os.environ.get("TRIGGERS_PURGE_BATCH", "10000"))
     max_active_runs=1,
     doc_md=__doc__,
     tags=["triggers", "maintenance"],
-    default_args={"owner": "triggers", "retries": 2, "retry_delay": timedelta(minutes=5)},
+    default_args={
+        "owner": "triggers",
+        "retries": 2,
+        "retry_delay": timedelta(minutes=5),
+        "execution_timeout": _TIMEOUT,
+    },
 )
 def triggers_purge():
     @task

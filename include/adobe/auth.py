@@ -1,8 +1,10 @@
 """Adobe IMS authentication (SPEC section 1): service-account JWT and OAuth Server-to-Server.
 
-The access token is cached in memory and in a private file (mode 0600) so that the tasks of a
-run, and the runs that follow, reuse it until shortly before it expires. The cache file's name
-is a digest of every credential, so changed credentials never reuse an old token.
+The access token is cached in memory and in a private file (created mode 0600) so that the
+tasks of a run, and the runs that follow, reuse it until shortly before it expires. The cache
+file's name is a digest of every credential, so changed credentials never reuse an old token.
+In an Airflow process the token is registered with Airflow's secrets masker, so a log line that
+carries it shows ``***``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +34,11 @@ log = logging.getLogger(__name__)
 JWT_LIFETIME = 600  # seconds; the assertion is exchanged at once, IMS allows up to 24 h
 REFRESH_MARGIN = 300  # renew this long before expiry (or 10% of a shorter lifetime)
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "airflow-adobe-triggers"
+# an IMS answer without a usable expires_in: the token is reused this long, not fetched per request
+MIN_TOKEN_LIFETIME = 60.0
+MAX_TOKEN_LIFETIME = 86_400.0  # IMS tokens live 24 h at most; a larger answer is a mistake
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_URL_PARTS = re.compile(r"([^/?#]*)([^?#]*)(.*)", re.DOTALL)  # authority, path, query and fragment
 
 
 @dataclass(frozen=True)
@@ -180,6 +190,7 @@ class ImsAuthenticator:
         now = self.clock()
         if self._token is None or not self._token.fresh(now):
             self._token = self._read_cache(now) or self._fetch(now)
+            _mask_in_airflow(self._token.value)
         return self._token.value
 
     def token_info(self) -> dict[str, Any]:
@@ -226,8 +237,7 @@ class ImsAuthenticator:
                 f"{body.get('error', 'no error code')}: {body.get('error_description', response.reason)}). "
                 + _AUTH_HINTS.get(str(body.get("error")), "Check the adobe_pipeline connection.")
             )
-        # IMS reports expires_in in milliseconds for the JWT exchange, in seconds for OAuth
-        lifetime = float(body.get("expires_in", 0)) / (1000.0 if c.auth == "jwt" else 1.0)
+        lifetime = token_lifetime(body.get("expires_in"), c.auth)
         margin = min(REFRESH_MARGIN, lifetime * 0.1)
         token = AccessToken(str(body["access_token"]), now + lifetime, now + lifetime - margin)
         self.fetches += 1
@@ -251,7 +261,8 @@ class ImsAuthenticator:
         try:
             self.cache_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             temporary = self.cache_file.with_suffix(f".{os.getpid()}.tmp")
-            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            temporary.unlink(missing_ok=True)  # O_CREAT keeps an existing file's mode: always a new one
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(descriptor, "w") as handle:
                 json.dump(
                     {
@@ -264,6 +275,50 @@ class ImsAuthenticator:
             os.replace(temporary, self.cache_file)
         except OSError as error:  # a cache is an optimisation; tokens still work without it
             log.warning("cannot write the token cache %s: %s", self.cache_file.parent, error.strerror)
+
+
+def token_lifetime(expires_in: Any, auth: str) -> float:
+    """Seconds a token lives from IMS's ``expires_in`` (milliseconds for the JWT exchange, seconds
+    for OAuth), within [MIN_TOKEN_LIFETIME, MAX_TOKEN_LIFETIME]. A missing, non-numeric,
+    non-finite or non-positive value gets the floor, with a warning: the token works, and
+    fetching one per request would flood IMS."""
+    usable = isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool)
+    seconds = float(expires_in) / (1000.0 if auth == "jwt" else 1.0) if usable else math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        log.warning(
+            "IMS answered without a usable expires_in (%.40r); the token is reused for %.0f s",
+            expires_in,
+            MIN_TOKEN_LIFETIME,
+        )
+        return MIN_TOKEN_LIFETIME
+    return min(max(seconds, MIN_TOKEN_LIFETIME), MAX_TOKEN_LIFETIME)
+
+
+def _mask_in_airflow(secret: str) -> None:
+    """Register ``secret`` with Airflow's secrets masker in an Airflow process (one that has
+    loaded airflow.sdk); elsewhere (the CLI) Airflow is not imported for it."""
+    if "airflow.sdk" not in sys.modules:
+        return
+    try:
+        from airflow.sdk.log import mask_secret
+    except ImportError:  # an Airflow without the Task SDK's masker: nothing to register with
+        return
+    mask_secret(secret)
+
+
+def without_credentials(url: str | None) -> str | None:
+    """``url`` (or a bare ``host[:port]``) without a user, password, query or fragment: what may
+    be stored and shown of where the pipeline is. None when an ``@`` follows the host (a password
+    holding an unescaped ``/``, ``?`` or ``#``, or an ``@`` in the path or query): any cut could
+    show part of a secret."""
+    if not url:
+        return url
+    scheme = _SCHEME.match(url)
+    rest = url[scheme.end() :] if scheme else url
+    authority, path, after = _URL_PARTS.match(rest).groups()
+    if "@" in path + after:
+        return None
+    return (scheme.group() if scheme else "") + authority.rpartition("@")[2] + path
 
 
 _AUTH_HINTS = {

@@ -21,6 +21,7 @@ import pandas as pd
 from sqlalchemy import Connection, Engine
 
 from include.config import TriggersConfig
+from include.database.locks import run_lock
 from include.matching.decisions import HISTORY_COLUMNS, finish, no_history, screen
 from include.matching.reading import (
     AudienceReader,
@@ -123,15 +124,21 @@ def match_ready_events(
     ``start <= time_gmt < end``. Each batch commits its decisions with its events' statuses.
     Returns counts (a JSON-able dict for XCom): ready, matched, unmatched, pending,
     suppressed_<reason>...
+
+    Holds the "matching" run lock throughout: an overlapping run (a backfill beside the
+    schedule, a manual run) waits, then finds these events decided. Without it each run would
+    miss the other's uncommitted decisions, or count them twice.
     """
     rules = compile_rules(config)
-    context = BatchContext(config, rules, AudienceReader(rules), RunDecisions(decided_at=time.time()))
-    with engine.connect() as conn:
-        frontier = read_frontier(conn)
-    counts = _decide_in_batches(engine, context, ReadySelection(rules, frontier, now, interval), batch_size)
-    if interval is None:  # every ready journal event is decided and committed
-        with engine.begin() as conn:
-            advance_frontier(conn, rules, frontier, now)
+    with run_lock(engine, "matching"):
+        context = BatchContext(config, rules, AudienceReader(rules), RunDecisions(decided_at=time.time()))
+        with engine.connect() as conn:
+            frontier = read_frontier(conn)
+        selection = ReadySelection(rules, frontier, now, interval)
+        counts = _decide_in_batches(engine, context, selection, batch_size)
+        if interval is None:  # every ready journal event is decided and committed
+            with engine.begin() as conn:
+                advance_frontier(conn, rules, frontier, now)
     return counts
 
 

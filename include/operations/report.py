@@ -12,9 +12,15 @@ from include.database.schema import pipeline_runs
 from include.database.sql import insert_for
 from include.staging.parser import IMPORTED_POSITION
 
+StageCounts = dict[str, Any] | None  # None: the stage failed (or did not run) and left no counts
 
-def run_counts(drained: dict[str, Any], matched: dict[str, Any], delivered: dict[str, Any]) -> dict[str, Any]:
-    """One flat dict: drained, quarantined, ignored, matched, suppressed by reason, sent, failed."""
+
+def run_counts(drained: StageCounts, matched: StageCounts, delivered: StageCounts) -> dict[str, Any]:
+    """One flat dict: drained, quarantined, ignored, matched, suppressed by reason, sent, failed;
+    ``failed_stages`` names the stages without counts (e.g. "drain" when the journal was down)."""
+    stages = {"drain": drained, "match": matched, "deliver": delivered}
+    failed = [name for name, part in stages.items() if part is None]
+    drained, matched, delivered = drained or {}, matched or {}, delivered or {}
     counts: dict[str, Any] = {
         "drained": drained.get("received", 0),
         "staged": drained.get("staged", 0),
@@ -27,6 +33,8 @@ def run_counts(drained: dict[str, Any], matched: dict[str, Any], delivered: dict
         for key, value in source.items():
             if isinstance(value, (int, float)):
                 counts[key] = counts.get(key, 0) + value
+    if failed:
+        counts["failed_stages"] = ", ".join(failed)
     return counts
 
 
@@ -59,9 +67,9 @@ def oldest_unprocessed_age(engine: Engine, now: float) -> float:
 def record_run(
     engine: Engine,
     run_id: str,
-    drained: dict[str, Any],
-    matched: dict[str, Any],
-    delivered: dict[str, Any],
+    drained: StageCounts,
+    matched: StageCounts,
+    delivered: StageCounts,
     *,
     started_at: float | None = None,
 ) -> dict[str, Any]:

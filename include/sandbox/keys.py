@@ -27,9 +27,9 @@ SIMULATOR_URL = "http://127.0.0.1:8765"
 def create_key_pair(directory: str | os.PathLike[str], overwrite: bool = False) -> tuple[Path, Path]:
     """Write a new RSA 2048 key pair into ``directory``: (private PEM path, public PEM path).
 
-    The private key is PKCS#8 PEM, created with mode 0600 (never world-readable, not even
-    briefly). An existing private key is kept unless ``overwrite``: replacing it would lock out
-    every system that trusts its public half.
+    The private key is PKCS#8 PEM, created with mode 0600 (never readable by others, not even
+    briefly); a new ``directory`` is created mode 0700. An existing private key is kept unless
+    ``overwrite``: replacing it would lock out every system that trusts its public half.
     """
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -41,7 +41,7 @@ def create_key_pair(directory: str | os.PathLike[str], overwrite: bool = False) 
             f"{private_path} already exists; keep it, or pass --force to replace the key pair "
             f"(the old public key then stops working)"
         )
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     private_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -49,14 +49,21 @@ def create_key_pair(directory: str | os.PathLike[str], overwrite: bool = False) 
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    if overwrite:
-        private_path.unlink(missing_ok=True)
-    descriptor = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(private_pem)
-    os.chmod(private_path, 0o600)  # in case a umask or an ACL widened it
+    write_private(private_path, private_pem)
     public_path.write_bytes(public_pem)
     return private_path, public_path
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``path`` as a new file of mode 0600: readable by its owner from its creation on.
+
+    An existing file is removed first: ``O_CREAT`` would keep its mode, and a ``chmod`` after the
+    write would leave a window in which others can read it.
+    """
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(data)
 
 
 def connection_json(
@@ -129,8 +136,7 @@ def main(args: argparse.Namespace) -> int:
     )
     line = f"AIRFLOW_CONN_ADOBE_PIPELINE={shlex.quote(connection)}"
     env_path = args.directory / ENV_FILE_NAME
-    env_path.write_text(line + "\n")
-    env_path.chmod(0o600)  # it holds the client secret
+    write_private(env_path, (line + "\n").encode())  # it holds the client secret
     print(f"wrote {private_path} (private, mode 0600) and {public_path}")
     print(f"wrote {env_path}; the connection:")
     print(line)

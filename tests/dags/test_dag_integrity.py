@@ -33,13 +33,38 @@ def test_no_import_errors(dag_bag):
     assert {"triggers_pipeline", "triggers_purge"} <= set(dag_bag.dag_ids)
 
 
-def test_every_dag_has_tags_docs_retries_and_no_catchup(dag_bag):
+# the journal client retries for retry_validity and the next run drains again: no Airflow retries
+NOT_RETRIED = {("triggers_pipeline", "authenticate"), ("triggers_pipeline", "drain")}
+
+
+def test_every_dag_has_tags_docs_retries_timeouts_and_no_catchup(dag_bag):
     for dag_id, dag in dag_bag.dags.items():
         assert dag.tags, dag_id
         assert dag.doc_md, dag_id
         assert dag.catchup is False, dag_id
         for task in dag.tasks:
-            assert task.retries >= 2, f"{dag_id}.{task.task_id}"
+            name = f"{dag_id}.{task.task_id}"
+            assert task.retries == 0 if (dag_id, task.task_id) in NOT_RETRIED else task.retries >= 2, name
+            assert task.execution_timeout is not None and task.execution_timeout.total_seconds() > 0, name
+
+
+def test_task_timeouts_are_configurable(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRIGGERS_DELIVER_TIMEOUT", "42")
+    monkeypatch.setenv("TRIGGERS_PURGE_TIMEOUT", "43")
+    from airflow.dag_processing.dagbag import DagBag
+
+    dags = DagBag(dag_folder=str(ROOT / "dags")).dags
+    assert dags["triggers_pipeline"].get_task("deliver").execution_timeout.total_seconds() == 42
+    assert dags["triggers_purge"].get_task("purge_expired_rows").execution_timeout.total_seconds() == 43
+
+
+def test_one_failed_stage_stops_no_other_and_fails_the_run(dag_bag):
+    dag = dag_bag.dags["triggers_pipeline"]
+    for task_id in ("match", "deliver", "report"):
+        assert dag.get_task(task_id).trigger_rule == "all_done", task_id
+    last = dag.get_task("all_stages_succeeded")
+    assert last.trigger_rule == "all_success"
+    assert last.upstream_task_ids == {"authenticate", "drain", "match", "deliver", "report"}
 
 
 def test_pipeline_runs_one_at_a_time_on_a_configurable_schedule(dag_bag, monkeypatch):
@@ -51,7 +76,16 @@ def test_pipeline_runs_one_at_a_time_on_a_configurable_schedule(dag_bag, monkeyp
         "match",
         "deliver",
         "report",
+        "all_stages_succeeded",
     ]
     # a data-interval timetable: scheduled and backfilled runs get real intervals, not zero-width ones
     assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"
     assert dag.timetable.expression == os.environ.get("TRIGGERS_SCHEDULE", "* * * * *")
+
+
+def test_a_bad_timeout_setting_is_named(monkeypatch):
+    import runpy
+
+    monkeypatch.setenv("TRIGGERS_MATCH_TIMEOUT", "ten minutes")
+    with pytest.raises(ValueError, match="TRIGGERS_MATCH_TIMEOUT is 'ten minutes'"):
+        runpy.run_path(str(ROOT / "dags" / "triggers_pipeline.py"))
