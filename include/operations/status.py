@@ -21,10 +21,10 @@ import argparse
 import json
 import time
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import Connection, Engine, Integer, case, cast, func, inspect, select
 
+from include.adobe.auth import without_credentials
 from include.database.schema import deliveries, events_table, pipeline_runs, pipeline_state
 from include.operations.report import waiting_events
 
@@ -62,7 +62,9 @@ def pipeline_status(
     return {
         "consumer": consumer,
         "generated_at": now,
-        "pipeline_host": _without_credentials(state.get("pipeline_host")),
+        "pipeline_host": without_credentials(
+            state.get("pipeline_host")
+        ),  # rows stored before it was stripped
         "position": state.get("position"),
         "last_fetch_at": state.get("last_fetch_at"),
         "events": {
@@ -172,16 +174,6 @@ def _recent_runs(conn: Connection, limit: int) -> list[dict[str, Any]]:
             counts = {"unreadable": row["counts"]}
         runs.append({**dict(row), "counts": counts})
     return runs
-
-
-def _without_credentials(url: str | None) -> str | None:
-    """A host URL never shows a user or password that someone put in it."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 # ``python -m include.cli status``
