@@ -1,4 +1,9 @@
-"""The pipeline journal client (SPEC section 2): one request, every status of the table handled."""
+"""The pipeline journal client (SPEC section 2): one request, every status of the table handled.
+
+A response is read in pieces against a size cap (a larger body is an error that names the cap,
+not a process out of memory) and a total deadline per request (a server that dribbles bytes
+cannot hold a drain longer than the deadline, whatever the socket timeout).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 import requests
+import urllib3
 
 from include.adobe.auth import ImsAuthenticator
 from include.errors import (
@@ -27,6 +33,9 @@ DEFAULT_RETRY_VALIDITY = 300.0  # seconds (SPEC section 2)
 TRANSIENT_STATUSES = {429, 500, 502, 503, 504}
 BACKOFF_BASE = 0.5  # seconds; doubles per attempt, full jitter
 BACKOFF_CAP = 30.0
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a page of 1,000 events is ~2 MB
+READ_DEADLINE = 300.0  # seconds for a whole response, from the request to its last byte
+READ_PIECE = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,8 @@ class JournalClient:
         timeout: tuple[float, float] = (10.0, 120.0),
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+        read_deadline: float = READ_DEADLINE,
     ) -> None:
         self.authenticator = authenticator
         self.credentials = authenticator.credentials
@@ -74,6 +85,8 @@ class JournalClient:
         self.timeout = timeout
         self.sleep = sleep
         self.clock = clock  # seconds, monotonic: the retry_validity deadline
+        self.max_response_bytes = max_response_bytes
+        self.read_deadline = read_deadline  # seconds of the wall clock, whatever ``clock`` is
         self.retries = 0  # transient failures retried, over this client's life
 
     def close(self) -> None:
@@ -131,29 +144,81 @@ class JournalClient:
             "x-api-key": self.credentials.client_id,
             "x-ims-org-id": self.credentials.org_id,
         }
+        deadline = time.monotonic() + self.read_deadline
         try:
-            response = self.session.get(self.url, params=params, headers=headers, timeout=self.timeout)
+            response = self.session.get(
+                self.url, params=params, headers=headers, timeout=self.timeout, stream=True
+            )
         except (requests.ConnectionError, requests.Timeout) as error:
             return type(error).__name__, None
-        status = response.status_code
-        retry_after = _retry_after(response)
-        if status == 200:
-            return JournalPage(response.content, _next_position(response)), None
-        if status == 204:
-            return JournalDrained(retry_after or 0.0, _next_position(response)), None
-        if status == 401 or status in TRANSIENT_STATUSES:
-            return status, retry_after
-        detail = response.text[:300].strip()
+        try:  # closed unless read to its end (then its connection went back to the pool)
+            status = response.status_code
+            retry_after = _retry_after(response)
+            if status == 200:
+                try:
+                    body = self._read_body(response, deadline)
+                except requests.ConnectionError as error:
+                    return f"{type(error).__name__} ({error})", None
+                if body is None:
+                    return f"no whole page within {self.read_deadline:g} s (read deadline)", None
+                return JournalPage(body, _next_position(response)), None
+            if status == 204:
+                return JournalDrained(retry_after or 0.0, _next_position(response)), None
+            if status == 401 or status in TRANSIENT_STATUSES:
+                return status, retry_after
+            detail = (self._read_body(response, deadline, limit=300) or b"").decode("utf-8", "replace")
+            raise self._refusal(status, detail.strip(), params)
+        finally:
+            response.close()
+
+    def _read_body(
+        self, response: requests.Response, deadline: float, limit: int | None = None
+    ) -> bytes | None:
+        """The body, in pieces: None once the deadline has passed; ``limit`` bytes at most, else
+        an error past ``max_response_bytes`` (checked against Content-Length first)."""
+        cap = self.max_response_bytes
+        declared = response.headers.get("Content-Length", "")
+        if limit is None and declared.isdigit() and int(declared) > cap:
+            raise self._too_large(f"{int(declared):,} bytes (Content-Length)")
+        pieces: list[bytes] = []
+        size = 0
+        try:
+            while piece := response.raw.read1(
+                READ_PIECE if limit is None else limit - size, decode_content=True
+            ):
+                pieces.append(piece)
+                size += len(piece)
+                if limit is not None and size >= limit:
+                    return b"".join(pieces)
+                if size > cap:
+                    raise self._too_large(f"more than {cap:,} bytes")
+                if time.monotonic() > deadline:
+                    return None
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            if limit is not None:
+                return b"".join(pieces)
+            raise requests.ConnectionError(f"the page was cut off: {error}") from None
+        response.raw.release_conn()  # read to its end: the connection serves the next request
+        return b"".join(pieces)
+
+    def _too_large(self, size: str) -> PipelineRequestError:
+        return PipelineRequestError(
+            f"the pipeline at {self.url} answered a page of {size}, over the client's cap of "
+            f"{self.max_response_bytes:,} bytes: lower pipeline.fetch_size so that a page fits"
+        )
+
+    def _refusal(self, status: int, detail: str, params: dict[str, str | int]) -> Exception:
+        """The error of a status that is not retried (403, 410, 400...)."""
         if status == 403:
-            raise NotEntitledError(
+            return NotEntitledError(
                 f"the pipeline refused consumer {self.consumer!r} for client {self.credentials.client_id} "
                 f"(403 {detail}): check pipeline.consumer, or ask Adobe to entitle this integration"
             )
         if status == 410:
-            raise JournalGoneError(
+            return JournalGoneError(
                 f"position {params.get('since')!r} is older than the journal's retention (410)"
             )
-        raise PipelineRequestError(f"the pipeline rejected GET {self.url} {params} ({status} {detail})")
+        return PipelineRequestError(f"the pipeline rejected GET {self.url} {params} ({status} {detail})")
 
 
 def _next_position(response: requests.Response) -> str | None:

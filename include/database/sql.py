@@ -157,5 +157,8 @@ def _copy_unless_taken(
     except psycopg.errors.UniqueViolation:
         savepoint.rollback()
         return None
+    except BaseException:  # any other refusal: undone here, the caller decides (staging goes row by row)
+        savepoint.rollback()
+        raise
     savepoint.commit()
     return len(rows)

@@ -4,7 +4,12 @@ The next page is fetched in a background thread (from the position of the Link h
 the current one is parsed, and batches of pages are written by a second thread while the next
 ones download and parse: the network wait, the parsing and the database write overlap. The
 position only moves when a page is stored, so a prefetched page that is never stored is simply
-fetched again by the next drain.
+fetched again by the next drain. A drain holds the database's "drain" run lock for its whole
+work, so drains that overlap take turns.
+
+A page whose structure cannot be read stops the drain at its position (the pages before it are
+stored); ``drain --skip-unreadable-page`` stores its raw body as one quarantined row and goes on
+from the page's next position (its Link header, or its ``_page.last``).
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from sqlalchemy import Engine
 
 from include.adobe.journal import JournalClient, JournalDrained, JournalPage
 from include.config import TriggersConfig
-from include.errors import ConfigError, JournalGoneError
+from include.database.locks import run_lock
+from include.errors import ConfigError, JournalGoneError, UnreadablePageError
 from include.staging.parser import ParsedPage
+from include.staging.salvage import last_position_of
 from include.staging.stager import Stager
 
 log = logging.getLogger(__name__)
@@ -35,6 +42,7 @@ STAGE_BATCH_EVENTS = 5_000
 STAGE_BATCH_MAX_EVENTS = 50_000
 
 JournalAnswer = JournalPage | JournalDrained
+SKIP_COMMAND = "python -m include.cli drain --skip-unreadable-page"
 
 
 @dataclass
@@ -48,6 +56,8 @@ class DrainReport:
     duplicates: int = 0
     quarantined: int = 0
     ignored: int = 0
+    refused: int = 0  # rows the database refused, stored quarantined with its message
+    skipped_pages: int = 0  # unreadable pages stored as one quarantined row (--skip-unreadable-page)
     retries: int = 0
     seconds: float = 0.0
     drained: bool = False  # the journal answered 204
@@ -73,11 +83,15 @@ def drain(
     client: JournalClient,
     *,
     max_events: int | None = None,
+    skip_unreadable_page: bool = False,
 ) -> DrainReport:
     """Stage every event after the stored position, until the journal answers 204 or
     ``max_events`` (default ``pipeline.max_events_per_run``) have been received. ``client``
-    reads the configuration's consumer (``AdobePipelineHook.for_config(config).get_conn()``)."""
-    return JournalDrain(engine, config, client, max_events=max_events).run()
+    reads the configuration's consumer (``AdobePipelineHook.for_config(config).get_conn()``).
+    ``skip_unreadable_page``: quarantine the first page whose structure cannot be read and go on."""
+    return JournalDrain(
+        engine, config, client, max_events=max_events, skip_unreadable_page=skip_unreadable_page
+    ).run()
 
 
 class _Prefetcher:
@@ -153,6 +167,8 @@ class _Writer:
         self._retries_staged = retries
         self.report.staged += result.staged
         self.report.duplicates += result.duplicates
+        self.report.refused += result.refused
+        self.report.quarantined += result.refused
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
@@ -167,7 +183,13 @@ class JournalDrain:
     """One drain of the configuration's consumer into staging; ``run()`` once."""
 
     def __init__(
-        self, engine: Engine, config: TriggersConfig, client: JournalClient, *, max_events: int | None = None
+        self,
+        engine: Engine,
+        config: TriggersConfig,
+        client: JournalClient,
+        *,
+        max_events: int | None = None,
+        skip_unreadable_page: bool = False,
     ) -> None:
         self.settings = config.pipeline
         if client.consumer != self.settings.consumer:
@@ -183,15 +205,17 @@ class JournalDrain:
         self.writer = _Writer(self.stager, client, self.report)
         self.position: str | None = None
         self.requested = 0  # events asked for, prefetched pages included
+        self.skips_left = 1 if skip_unreadable_page else 0
 
     def run(self) -> DrainReport:
         started = time.monotonic()
         retries_before = self.client.retries
-        self.position = self.stager.position()
         try:
-            self._read_pages(latest=self.position is None and self.settings.start_from == "latest")
-            self.prefetch.cancel()
-            self.writer.finish()
+            with run_lock(self.stager.engine, "drain"):
+                self.position = self.stager.position()  # read under the lock: where the last drain ended
+                self._read_pages(latest=self.position is None and self.settings.start_from == "latest")
+                self.prefetch.cancel()
+                self.writer.finish()
         finally:
             self.prefetch.close()
             self.writer.close()
@@ -216,12 +240,37 @@ class JournalDrain:
             self.requested += limit
             if answer.next_position and not self._cap_reached():
                 self.prefetch.start(answer.next_position, self._next_limit())
-            page = self.stager.parser.parse_page(answer.body, time.time())
+            page = self._parse(answer)
             self.report.count(page)
             self.position = page.last_position or self.position
             self.writer.add(page)
             if not page.count:
                 return
+
+    def _parse(self, answer: JournalPage) -> ParsedPage:
+        """The page's rows; an unreadable page stops the drain (after storing the pages before
+        it), or with a skip left becomes one quarantined row at its next position."""
+        try:
+            return self.stager.parser.parse_page(answer.body, time.time())
+        except UnreadablePageError as error:
+            next_position = answer.next_position or last_position_of(answer.body)
+            if self.skips_left and next_position:
+                self.skips_left -= 1
+                self.report.skipped_pages += 1
+                log.error("skipping the unreadable page after position %r (%s)", self.position, error)
+                reason = f"unreadable journal page ({error})"[:1000]
+                return self.stager.parser.unreadable_page(answer.body, reason, next_position, time.time())
+            self.prefetch.cancel()
+            self.writer.finish()
+            fix = (
+                f"to store its raw body as one quarantined row and go on: {SKIP_COMMAND}"
+                if next_position
+                else "it names no next position (no Link header, no _page.last), so it cannot be skipped"
+            )
+            raise UnreadablePageError(
+                f"the journal page after position {self.position!r} cannot be read: {error}. The drain "
+                f"stops there (the pages before it are staged); {fix}"
+            ) from None
 
     def _cap_reached(self) -> bool:
         return self.max_events is not None and self.requested >= self.max_events
@@ -258,6 +307,12 @@ class JournalDrain:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-events", type=int, help="stop after this many events (default: until 204)")
+    parser.add_argument(
+        "--skip-unreadable-page",
+        action="store_true",
+        help="store the first journal page whose structure cannot be read as one quarantined row "
+        "(its raw body) and go on from its next position",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -270,6 +325,12 @@ def main(args: argparse.Namespace) -> int:
         open_resources() as res,
         AdobePipelineHook.for_config(res.config, res.settings.pipeline_conn_id) as hook,
     ):
-        report = drain(res.engine, res.config, hook.get_conn(), max_events=args.max_events)
+        report = drain(
+            res.engine,
+            res.config,
+            hook.get_conn(),
+            max_events=args.max_events,
+            skip_unreadable_page=args.skip_unreadable_page,
+        )
     print(report.as_dict())
     return 0

@@ -12,26 +12,21 @@ import json
 import time
 from collections.abc import Iterable
 from itertools import islice
-from typing import Any
 
 from sqlalchemy import Engine
 
 from include.config import TriggersConfig
-from include.database.sql import bulk_write
 from include.staging.parser import IMPORTED_POSITION
 from include.staging.stager import Stager
 
 
-def read_export(lines: Iterable[str]) -> Iterable[tuple[str, Any, str]]:
-    """``(IMPORTED_POSITION, event, raw text)`` per line of a JSON-lines export; a line that is
-    not JSON is kept as a string, which staging quarantines."""
+def read_export(lines: Iterable[bytes]) -> Iterable[tuple[str, None, bytes]]:
+    """``(IMPORTED_POSITION, None, raw bytes)`` per line of a JSON-lines export; staging reads
+    each line as the drain reads an event (one that is not UTF-8 or JSON is quarantined)."""
     for line in lines:
         raw = line.strip()
         if raw:
-            try:
-                yield IMPORTED_POSITION, json.loads(raw), raw
-            except ValueError:
-                yield IMPORTED_POSITION, raw, json.dumps(raw)
+            yield IMPORTED_POSITION, None, raw
 
 
 def import_export(
@@ -41,14 +36,14 @@ def import_export(
     ``chunk_size`` lines; the counts of lines, new rows, quarantined and ignored events."""
     stager = Stager(engine, config)
     counts = {"lines": 0, "staged": 0, "quarantined": 0, "ignored": 0}
-    with open(path, encoding="utf-8") as export:
+    with open(path, "rb") as export:
         events = read_export(export)
         while chunk := list(islice(events, chunk_size)):
             page = stager.parser.parse_items(chunk, time.time())
-            with engine.begin() as conn:
-                counts["staged"] += bulk_write(conn, stager.table, page.columns, page.rows())
+            staged, refused = stager.store(page)
+            counts["staged"] += staged
             counts["lines"] += page.count
-            counts["quarantined"] += page.quarantined
+            counts["quarantined"] += page.quarantined + refused
             counts["ignored"] += page.ignored
     return counts
 

@@ -7,13 +7,17 @@ msgspec splits a page into each event's raw text and decodes only the fields sta
 into typed structs (5x the stdlib parser). An event those types do not fit (not an object, a
 field of an unexpected type, a float out of range...) is read again from its text by the
 generic path, which decides its quarantine reason: both paths give the same row.
+
+Nothing a page carries makes parsing raise, except a page whose structure cannot be read at all
+(UnreadablePageError): an event that is not valid UTF-8 or JSON, too deep, too large or with an
+absurd time is quarantined with the reason, and text the databases cannot hold is made storable
+(``limits``). A page that is not valid as a whole is split by ``salvage``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -22,8 +26,17 @@ from typing import Any
 import msgspec
 
 from include.config import VALUE_SEPARATOR, TriggersConfig, dimension_column
-from include.errors import PipelineRequestError
 from include.runtime import collector_paused
+from include.staging.limits import (
+    EARLIEST_TIME,
+    LATEST_AHEAD,
+    MAX_DEPTH,
+    storable,
+    storable_json,
+    time_problem,
+    too_deep,
+)
+from include.staging.salvage import salvage_page
 
 PIPELINE_MESSAGE = "com.adobe.mcloud.pipeline.pipelineMessage"
 TRIGGER = "com.adobe.mcloud.protocol.trigger"
@@ -105,57 +118,105 @@ class EventParser:
         with collector_paused():  # a page allocates thousands of containers that all die together
             try:
                 journal_page = _PAGE.decode(body)
-                page = self._columns(
-                    self._read_raw(journal_page.events), len(journal_page.events), received_at
-                )
-            except ValueError:  # not JSON to msgspec: the generic path reads it, or names what is wrong
+            except (ValueError, RecursionError):  # not JSON to msgspec: read what can be read
                 return self._parse_page_generic(body, received_at)
+            clean = b"\\u0000" in body  # a position may hold NUL
+            page = self._columns(
+                self._read_raw(journal_page.events, clean), len(journal_page.events), received_at
+            )
             last = journal_page.page.get("last") if isinstance(journal_page.page, dict) else None
             if last is not None:
-                page.last_position = str(last)
+                page.last_position = storable(str(last))
             return page
 
     def _parse_page_generic(self, body: bytes, received_at: float) -> ParsedPage:
-        try:
-            text = body.decode("utf-8")
-            items, last = _split_page(text)
-        except (ValueError, IndexError, UnicodeDecodeError) as error:
-            raise PipelineRequestError(
-                f"the journal answered 200 with a body that is not a page of events ({error}): {body[:200]!r}"
-            ) from None
-        page = self.parse_items(items, received_at)
+        """What can be read of any body; UnreadablePageError if not even its structure."""
+        items, last = salvage_page(body)
+        page = self._columns(
+            ((position, *self._read_text(raw)) for position, raw in items), len(items), received_at
+        )
         if last is not None:
-            page.last_position = str(last)
+            page.last_position = last
+        return page
+
+    def unreadable_page(self, body: bytes, reason: str, position: str, received_at: float) -> ParsedPage:
+        """A page whose structure cannot be read, as one quarantined row at ``position``."""
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        payload = storable(body.decode("utf-8", "replace"))
+        page = self._columns([(position, payload, self._quarantine(digest, reason))], 1, received_at)
+        page.last_position = position
         return page
 
     def parse_items(
-        self, items: Sequence[tuple[str | None, Any, str | None]], received_at: float
+        self, items: Sequence[tuple[str | None, Any, str | bytes | None]], received_at: float
     ) -> ParsedPage:
-        """``(position, event, raw JSON text or None)`` triples to columns."""
+        """``(position, event, raw JSON text or bytes, or None: the event is serialised)`` triples
+        to columns; the raw text is read as a journal event's (``event`` is then unused)."""
         return self._columns(self._read_items(items), len(items), received_at)
 
     def _read_items(
-        self, items: Iterable[tuple[str | None, Any, str | None]]
+        self, items: Iterable[tuple[str | None, Any, str | bytes | None]]
     ) -> Iterable[tuple[str | None, str, tuple]]:
         for position, event, payload in items:
             if payload is None:
-                payload = json.dumps(event, separators=(",", ":"))
-            yield position, payload, self._read(event, payload)
+                try:
+                    payload = json.dumps(event, separators=(",", ":"))
+                except (ValueError, TypeError, RecursionError) as error:
+                    payload = storable(repr(event)[:10_000])
+                    yield position, payload, self._quarantine(_digest(payload), f"not JSON ({error})")
+                    continue
+            yield position, *self._read_text(payload)
 
-    def _read_raw(self, items: Iterable[_Item]) -> Iterable[tuple[str | None, str, tuple]]:
-        """Typed decoding of each event's raw text; the generic path for what does not fit."""
+    def _read_raw(self, items: Iterable[_Item], clean: bool) -> Iterable[tuple[str | None, str, tuple]]:
+        """Typed decoding of each event's raw text; the generic path for what does not fit (or may
+        hold NUL, or has many brackets: their depth is checked there)."""
         decode = _EVENT.decode
+        max_size = self.max_msg_size
         for item in items:
-            raw = item.event
-            payload = bytes(raw).decode()
+            raw = bytes(item.event)
             position = None if item.position is msgspec.UNSET else str(item.position)
-            try:
-                fields = self._read_typed(decode(raw), len(raw))
-            except msgspec.ValidationError:
-                fields = None
+            if clean and position is not None:
+                position = storable(position)
+            fields = None
+            if (
+                len(raw) <= max_size
+                and (b"\\" not in raw or b"\\u0000" not in raw)  # a memchr spares most events the search
+                and raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH
+            ):
+                try:
+                    payload = raw.decode()
+                    fields = self._read_typed(decode(raw), len(raw))
+                except (ValueError, RecursionError):  # msgspec's errors, UnicodeDecodeError
+                    fields = None
             if fields is None:
-                fields = self._read(json.loads(payload), payload)
+                payload, fields = self._read_text(raw)
             yield position, payload, fields
+
+    def _read_text(self, raw: bytes | str) -> tuple[str, tuple]:
+        """``(payload, fields of _read)`` of one event's raw text, whatever it holds."""
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode()
+            except UnicodeDecodeError as error:
+                payload = storable(raw.decode("utf-8", "replace"))
+                digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+                return payload, self._quarantine(digest, f"not valid UTF-8 (byte {error.start} of the event)")
+        payload = storable_json(raw)
+        size = len(payload) if payload.isascii() else len(payload.encode())
+        if size > self.max_msg_size:
+            return payload, self._quarantine(
+                _identity_of_large(payload), f"larger than max_msg_size ({size} > {self.max_msg_size} bytes)"
+            )
+        if too_deep(payload):
+            return payload, self._quarantine(_digest(payload), f"nested deeper than {MAX_DEPTH} levels")
+        try:
+            event = json.loads(payload)
+        except ValueError as error:
+            return payload, self._quarantine(_digest(payload), f"not valid JSON ({error})")
+        return payload, self._read(event, payload)
+
+    def _quarantine(self, event_id: str, reason: str) -> tuple:
+        return event_id, None, None, None, reason, self._no_dimensions
 
     def _columns(
         self, read: Iterable[tuple[str | None, str, tuple]], count: int, received_at: float
@@ -177,9 +238,14 @@ class EventParser:
         dimension_lists = values[10:]
         page = ParsedPage(self.columns, values, None, count)
         position = None
+        latest = received_at + LATEST_AHEAD
         for item_position, payload, fields in read:
             position = item_position if item_position is not None else position
             status, reason = "new", fields[4]
+            time_gmt = fields[2]
+            if not reason and time_gmt is not None and not EARLIEST_TIME <= time_gmt <= latest:
+                reason = time_problem(time_gmt, received_at)
+                fields = (*fields[:2], None, *fields[3:])
             if reason:
                 status = "quarantined"
                 page.quarantined += 1
@@ -283,7 +349,7 @@ class EventParser:
             envelope.get("createTime"),
         )
         if bad_time:
-            return event_id, trigger_id, None, None, f"{bad_time} is not a number", no_dimensions
+            return event_id, trigger_id, None, None, bad_time, no_dimensions
         mc_id = trigger.get("mcId")
         dimensions = _dimensions(trigger)
         return (
@@ -355,94 +421,6 @@ _PAGE = msgspec.json.Decoder(_Page)
 _EVENT = msgspec.json.Decoder(_Event)
 
 
-_decoder = json.JSONDecoder()
-_scan = _decoder.scan_once
-_WHITESPACE = re.compile(r"[ \t\n\r]*")
-
-
-def _skip(text: str, index: int) -> int:
-    if text[index] not in " \t\n\r":  # compact JSON: the common case, without a regex
-        return index
-    return _WHITESPACE.match(text, index).end()  # type: ignore[union-attr]
-
-
-def _split_page(text: str) -> tuple[list[tuple[str | None, Any, str | None]], Any]:
-    """``(position, event, event's raw text)`` of each item, and ``_page.last``.
-
-    Walks the two outer levels by hand and lets the C scanner parse each value, so that the
-    span of every event is known.
-    """
-    items: list[tuple[str | None, Any, str | None]] | None = None
-    last = None
-    index = _expect(text, 0, "{")
-    while text[index] != "}":
-        key, index = _key(text, index)
-        if key == "events":
-            items, index = _split_items(text, index)
-        else:
-            value, index = _scan(text, index)
-            if key == "_page" and isinstance(value, dict):
-                last = value.get("last")
-        index = _after_member(text, index, "}")
-    if items is None:
-        raise ValueError("no 'events' list")
-    return items, last
-
-
-def _split_items(text: str, index: int) -> tuple[list[tuple[str | None, Any, str | None]], int]:
-    items: list[tuple[str | None, Any, str | None]] = []
-    index = _expect(text, index, "[")
-    while text[index] != "]":
-        position, event, raw = None, None, None
-        if text[index] == "{":
-            index = _skip(text, index + 1)
-            while text[index] != "}":
-                key, index = _key(text, index)
-                start = index
-                value, index = _scan(text, index)
-                if key == "position":
-                    position = str(value)
-                elif key == "event":
-                    event, raw = value, text[start:index]
-                index = _after_member(text, index, "}")
-            index += 1
-        else:  # not a journal item: keep it whole, staging quarantines it
-            start = index
-            event, index = _scan(text, index)
-            raw = text[start:index]
-        items.append((position, event, raw))
-        index = _after_member(text, index, "]")
-    return items, index + 1
-
-
-def _expect(text: str, index: int, opening: str) -> int:
-    index = _skip(text, index)
-    if text[index] != opening:
-        raise ValueError(f"expected {opening!r} at {index}")
-    return _skip(text, index + 1)
-
-
-def _key(text: str, index: int) -> tuple[str, int]:
-    """The key at index and the start of its value."""
-    if text[index] != '"':
-        raise ValueError(f"expected a key at {index}")
-    key, index = json.decoder.scanstring(text, index + 1)
-    index = _skip(text, index)
-    if text[index] != ":":
-        raise ValueError(f"expected ':' at {index}")
-    return key, _skip(text, index + 1)
-
-
-def _after_member(text: str, index: int, closing: str) -> int:
-    """Past the ',' after a member, or at the closing bracket."""
-    index = _skip(text, index)
-    if text[index] == ",":
-        return _skip(text, index + 1)
-    if text[index] != closing:
-        raise ValueError(f"expected ',' or {closing!r} at {index}")
-    return index
-
-
 _TIMESTAMPS = (("triggerTimestamp", 1000.0), ("timeGMT", 1.0), ("sentTime", 1000.0), ("createTime", 1000.0))
 
 
@@ -454,8 +432,11 @@ def _event_time(*values: Any) -> tuple[float | None, str | None]:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return None, key
-        return value / scale, None
+            return None, f"{key} is not a number"
+        try:
+            return value / scale, None
+        except OverflowError:  # an integer beyond any float
+            return None, f"{key} is out of range"
     return None, None
 
 
@@ -510,3 +491,16 @@ def _canonical(value: Any) -> str:
 
 def _digest(text: str) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _identity_of_large(payload: str) -> str:
+    """The identity of an event too large to stage: its id if msgspec finds one without building
+    the rest (no Python recursion, nothing kept), else the digest of its text."""
+    try:
+        event = _EVENT.decode(payload)
+    except (ValueError, RecursionError):
+        return _digest(payload)
+    inner = event.event.message if event.event is not None else event.message
+    header = inner.header if inner is not None else None
+    event_id = (header.messageId if header is not None else None) or event.event_id
+    return storable(str(event_id)) if event_id and isinstance(event_id, (str, int)) else _digest(payload)

@@ -1,19 +1,34 @@
 """Staging: store a parsed page and advance the journal position in one transaction (SPEC section 7).
 
 Idempotent on the event identity: a page staged twice (a retry, a replay, a crash between
-commit and acknowledgement) writes each event once.
+commit and acknowledgement) writes each event once. A batch the database refuses is written row
+by row, each refused row quarantined with the database's message, in the same transaction as the
+position: the position moves only once every row of the page is accounted for. The position
+moves by compare-and-set from the one this stager read, so two drains cannot both move it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy.exc import DBAPIError
 
+from include.adobe.auth import without_credentials
 from include.config import TriggersConfig
 from include.database.schema import events_table, pipeline_state
 from include.database.sql import bulk_write, insert_for
+from include.errors import PositionMovedError
+from include.staging.limits import storable
 from include.staging.parser import EventParser, ParsedPage
+
+log = logging.getLogger(__name__)
+
+REFUSED_KEY_CHARS = 256  # a refused row's longer event_id is stored as its digest (an index may refuse it)
 
 
 @dataclass
@@ -22,6 +37,7 @@ class StageResult:
     staged: int
     quarantined: int
     ignored: int
+    refused: int = 0  # rows the database refused, stored quarantined (counted in quarantined too)
 
     @property
     def duplicates(self) -> int:
@@ -36,32 +52,85 @@ class Stager:
         self.consumer = config.pipeline.consumer
         self.parser = EventParser(config)
         self.table = events_table(config.dimensions)
+        self.read_position: str | None = None  # what the next stage expects to find stored
 
     def position(self) -> str | None:
+        """The stored position (also what the next ``stage`` expects to find stored)."""
         with self.engine.connect() as conn:
-            return conn.execute(
+            self.read_position = conn.execute(
                 select(pipeline_state.c.position).where(pipeline_state.c.consumer == self.consumer)
             ).scalar_one_or_none()
+        return self.read_position
 
     def stage(
         self, page: ParsedPage, *, pipeline_host: str | None, fetched_at: float, retries: int = 0
     ) -> StageResult:
         """Insert the page's events and move the position to its last one, atomically."""
+
+        def advance(conn: Connection, staged: int, refused: int) -> None:
+            self._advance(conn, page, staged, refused, pipeline_host, fetched_at, retries)
+
+        staged, refused = self.store(page, advance)
+        if page.last_position is not None:
+            self.read_position = page.last_position
+        return StageResult(page.count, staged, page.quarantined + refused, page.ignored, refused)
+
+    def store(
+        self, page: ParsedPage, then: Callable[[Connection, int, int], None] | None = None
+    ) -> tuple[int, int]:
+        """Insert the page's rows and call ``then(conn, staged, refused)`` in one transaction; if
+        the database refuses the batch, again row by row. Returns (rows written, rows refused)."""
+        try:
+            with self.engine.begin() as conn:
+                staged = bulk_write(conn, self.table, page.columns, page.rows())
+                if then is not None:
+                    then(conn, staged, 0)
+            return staged, 0
+        except _refusals(self.engine) as error:
+            log.warning("the database refused a batch (%s); writing it row by row", _message(error))
         with self.engine.begin() as conn:
-            staged = bulk_write(conn, self.table, page.columns, page.rows())
-            self._advance(conn, page, staged, pipeline_host, fetched_at, retries)
-        return StageResult(page.count, staged, page.quarantined, page.ignored)
+            staged, refused = self.write_rows(conn, page)
+            if then is not None:
+                then(conn, staged, refused)
+        return staged, refused
+
+    def write_rows(self, conn: Connection, page: ParsedPage) -> tuple[int, int]:
+        """The page's rows one by one, each in a savepoint; a row the database refuses is stored
+        quarantined with its message. Returns (rows written, rows refused)."""
+        refusals = _refusals(conn.engine)
+        columns = page.columns
+        if conn.dialect.name == "sqlite":  # pysqlite opens its transaction only before DML: a first
+            # SAVEPOINT would open it instead, and its RELEASE commit before the position moves
+            conn.exec_driver_sql("UPDATE pipeline_state SET position = position WHERE 0")
+        staged = refused = 0
+        for row in page.rows():
+            try:
+                with conn.begin_nested():
+                    staged += bulk_write(conn, self.table, columns, [row])
+            except refusals as error:
+                with conn.begin_nested():  # refused again: the error stops the drain, nothing moves
+                    staged += bulk_write(conn, self.table, columns, [_refused_row(columns, row, error)])
+                refused += 1
+        return staged, refused
 
     def _advance(
-        self, conn, page: ParsedPage, staged: int, host: str | None, fetched_at: float, retries: int
+        self,
+        conn: Connection,
+        page: ParsedPage,
+        staged: int,
+        refused: int,
+        host: str | None,
+        fetched_at: float,
+        retries: int,
     ) -> None:
+        """Counters and the position, by compare-and-set from ``read_position``."""
         insert = insert_for(conn)
         values = {
             "consumer": self.consumer,
-            "pipeline_host": host,
+            "pipeline_host": without_credentials(host),  # never a user, password or query
             "last_fetch_at": fetched_at,
             "events_received": page.count,
-            "events_quarantined": page.quarantined,
+            "events_quarantined": page.quarantined + refused,
             "events_ignored": page.ignored,
             "events_duplicate": page.count - staged,
             "requests_retried": retries,
@@ -81,7 +150,16 @@ class Stager:
         changes.update(
             {name: statement.excluded[name] for name in values if name not in counters and name != "consumer"}
         )
-        conn.execute(statement.on_conflict_do_update(index_elements=["consumer"], set_=changes))
+        unmoved = state.position.is_not_distinct_from(self.read_position)
+        upsert = statement.on_conflict_do_update(index_elements=["consumer"], set_=changes, where=unmoved)
+        # RETURNING, not rowcount: psycopg reports -1 for an upsert; no row back = not updated
+        if conn.execute(upsert.returning(state.consumer)).first() is None:
+            raise PositionMovedError(
+                f"the stored journal position of consumer {self.consumer!r} is no longer "
+                f"{self.read_position!r}, where this drain started: another drain moved it meanwhile. "
+                "This drain's last batch was rolled back and nothing is lost; drains hold the 'drain' "
+                "run lock, so the other one was not started by this version: run the drain again"
+            )
 
     def reset_position(self) -> None:
         """Forget the position (410 with ``on_gone: restart_from_oldest``)."""
@@ -89,3 +167,33 @@ class Stager:
             conn.execute(
                 update(pipeline_state).where(pipeline_state.c.consumer == self.consumer).values(position=None)
             )
+        self.read_position = None
+
+
+def _refusals(engine: Engine) -> tuple[type[BaseException], ...]:
+    """What a driver raises when the database (or the driver's encoding) refuses a value."""
+    return (DBAPIError, engine.dialect.loaded_dbapi.Error, UnicodeError, ValueError)
+
+
+def _message(error: BaseException) -> str:
+    lines = str(getattr(error, "orig", None) or error).strip().splitlines()
+    return storable(lines[0][:300] if lines else type(error).__name__)
+
+
+def _refused_row(columns: Sequence[str], row: Sequence[Any], error: BaseException) -> tuple[Any, ...]:
+    """The row quarantined with the database's message: only its identity, position, times and
+    payload are kept (any other value may be what was refused)."""
+    values = dict(zip(columns, row, strict=True))
+    event_id = storable(str(values["event_id"]))
+    if len(event_id) > REFUSED_KEY_CHARS:
+        event_id = "sha256:" + hashlib.sha256(event_id.encode()).hexdigest()
+    kept = {
+        "event_id": event_id,
+        "position": storable(str(values["position"]))[:REFUSED_KEY_CHARS],
+        "consumer": values["consumer"],
+        "received_at": values["received_at"],
+        "status": "quarantined",
+        "reason": f"refused by the database: {_message(error)}",
+        "payload": storable(str(values["payload"])),
+    }
+    return tuple(kept.get(column) for column in columns)

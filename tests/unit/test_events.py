@@ -11,6 +11,7 @@ from include.sandbox.simulator.journal import Journal
 from include.sandbox.simulator.options import SimulatorOptions
 from include.staging.parser import EventParser
 
+NOW = 1.7e9 + 10_000  # the receive time: after the simulator's events (times are checked against it)
 CART = "3e8a2ba7-fccc-49bb-bdac-33ee33cf02bf"
 PM = "com.adobe.mcloud.pipeline.pipelineMessage"
 TRIGGER = "com.adobe.mcloud.protocol.trigger"
@@ -106,7 +107,7 @@ def rows(page):
 )
 def test_typed_and_generic_paths_give_the_same_rows(event, layout):
     body = layout.format(event=event, cart=CART).encode()
-    assert rows(PARSER.parse_page(body, 1.0)) == rows(PARSER._parse_page_generic(body, 1.0))
+    assert rows(PARSER.parse_page(body, NOW)) == rows(PARSER._parse_page_generic(body, NOW))
 
 
 def test_simulator_pages_give_the_same_rows_on_both_paths():
@@ -125,7 +126,7 @@ def test_simulator_pages_give_the_same_rows_on_both_paths():
             + last.encode()
             + b'"}}'
         )
-        typed, generic = PARSER.parse_page(body, 1.0), PARSER._parse_page_generic(body, 1.0)
+        typed, generic = PARSER.parse_page(body, NOW), PARSER._parse_page_generic(body, NOW)
         assert rows(typed) == rows(generic)
         assert typed.quarantined and typed.ignored and typed.count == 500
 
@@ -133,5 +134,8 @@ def test_simulator_pages_give_the_same_rows_on_both_paths():
 def test_a_page_msgspec_refuses_is_read_by_the_generic_path():
     event = '{"event_id":"e","triggerId":"' + CART + '","timeGMT":NaN,"x":"\\ud800"}'
     body = '{"events":[{"position":"p","event":' + event + "}]}"
-    page = PARSER.parse_page(body.encode(), 1.0)
-    assert page.values[3] == [CART] and page.values[6] == ["new"] and page.last_position == "p"
+    page = PARSER.parse_page(body.encode(), NOW)
+    assert page.values[3] == [CART] and page.last_position == "p"
+    # a NaN time is quarantined; the lone surrogate is stored as U+FFFD
+    assert page.values[6] == ["quarantined"] and page.values[7] == ["its time is not finite"]
+    assert "\\ud800" not in page.values[9][0] and "\\ufffd" in page.values[9][0]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 import logging
@@ -250,6 +251,9 @@ class SimulatorHandler(BaseHTTPRequestHandler):
             *page.chunks,
             f'],"_page":{{"last":"{page.last}","count":{count}}}}}'.encode(),
         ]
+        replacement = simulator.faults.page_body(query.get("since"))
+        if replacement is not None:
+            body = [replacement]
         simulator.count("events_served", count)
         self._send(200, body, {"Link": f'<{base}?since={page.last}&limit={limit}>; rel="next"'})
 
@@ -356,6 +360,13 @@ class SimulatorHandler(BaseHTTPRequestHandler):
             if not isinstance(document["raw"], list):
                 raise _Reply(400, "invalid_publish", "raw must be a list of event objects")
             simulator.publish_raw(document["raw"])
+        if "raw_base64" in document:  # events as exact bytes: invalid JSON or UTF-8, a hostile pipeline
+            try:
+                simulator.publish_raw_bytes(
+                    [base64.b64decode(text, validate=True) for text in document["raw_base64"]]
+                )
+            except (TypeError, ValueError):
+                raise _Reply(400, "invalid_publish", "raw_base64 must be a list of base64 strings") from None
         try:
             simulator.publish(int(document.get("count", 0)))
         except (TypeError, ValueError):

@@ -86,7 +86,7 @@ class Journal:
         self._lock = threading.Lock()
         self._slots = array("q")
         self._trimmed = 0  # positions dropped from the front of _slots (past retention)
-        self._raw: dict[int, str] = {}
+        self._raw: dict[int, bytes] = {}
         self._raw_order: deque[int] = deque()
         self._next_generated = 0
         # (first generated number, its trigger time, seconds between consecutive numbers)
@@ -130,12 +130,13 @@ class Journal:
             self._next_generated = g
             self._trim()
 
-    def publish_raw(self, texts: list[str]) -> None:
+    def publish_raw(self, texts: list[str | bytes]) -> None:
+        """Append events as these exact texts, sent as they are (bytes may be any bytes at all)."""
         with self._lock:
             for text in texts:
                 position = self.length
                 self._slots.append(self.RAW)
-                self._raw[position] = text
+                self._raw[position] = text if isinstance(text, bytes) else text.encode()
                 self._raw_order.append(position)
             self._trim()
 
@@ -181,5 +182,5 @@ class Journal:
         matrix, special = self.factory.rows(numbers, whens, steps, positions)
         for index, text in raw.items():
             row = index - start
-            special[row] = b',{"position":"' + positions[row].tobytes() + b'","event":' + text.encode() + b"}"
+            special[row] = b',{"position":"' + positions[row].tobytes() + b'","event":' + text + b"}"
         return JournalPage(page_chunks(matrix, special), self.codec.encode(end - 1))

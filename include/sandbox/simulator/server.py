@@ -30,6 +30,7 @@ class Faults:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pending: deque[list[Any]] = deque()  # [status, remaining, retry_after]
+        self._bodies: dict[str | None, bytes] = {}  # since -> the body sent instead of that page
         self.slow_seconds = 0.0
 
     def fail_next(self, status: int, count: int = 1, retry_after: float | None = None) -> None:
@@ -38,9 +39,20 @@ class Faults:
             with self._lock:
                 self._pending.append([int(status), int(count), retry_after])
 
+    def replace_page(self, body: bytes, since: str | None = None) -> None:
+        """The page after ``since`` (None: the first retained) is sent as ``body`` instead, with its
+        own Link header, every time it is asked for (until ``clear``): a page a client cannot read."""
+        with self._lock:
+            self._bodies[since] = bytes(body)
+
+    def page_body(self, since: str | None) -> bytes | None:
+        with self._lock:
+            return self._bodies.get(since)
+
     def clear(self) -> None:
         with self._lock:
             self._pending.clear()
+            self._bodies.clear()
             self.slow_seconds = 0.0
 
     def take(self) -> tuple[int, float | None] | None:
@@ -186,6 +198,11 @@ class Simulator:
     def publish_raw(self, messages: list) -> None:
         """Append these exact event objects (any JSON value) to the journal."""
         self.journal.publish_raw([json.dumps(message, separators=(",", ":")) for message in messages])
+
+    def publish_raw_bytes(self, texts: list[bytes]) -> None:
+        """Append events as these exact bytes, sent as they are: invalid JSON, invalid UTF-8, a lone
+        surrogate escape, NUL... (a hostile pipeline; the page is then not valid as a whole)."""
+        self.journal.publish_raw(list(texts))
 
     def expire_tokens(self) -> None:
         """Every token issued so far is refused (401) from now on."""
