@@ -8,9 +8,13 @@ where none answers, its tests are skipped with the reason printed (``-ra``).
 from __future__ import annotations
 
 import os
+import socketserver
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Table, create_engine, text
@@ -80,3 +84,15 @@ def upgrade_schema(engine: Engine, dimensions: Sequence[str] = ()) -> Table:
     ``dim_*`` columns of ``dimensions``); the events table to write to."""
     upgrade_database(engine, dimensions)
     return events_table(tuple(dimensions))
+
+
+@contextmanager
+def serving(server: socketserver.BaseServer) -> Iterator[Any]:
+    """``server`` answering from a thread inside; shut down and closed on exit."""
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()

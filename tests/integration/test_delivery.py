@@ -403,20 +403,20 @@ def test_a_backfill_interval_sends_only_the_deliveries_of_its_events(
 
 KILLED_WORKER = textwrap.dedent(
     """
-    import sys
+    import json, sys
     from types import SimpleNamespace
     from include.config import DEFAULT_TEMPLATES_DIR, load_config
     from include.database.engine import make_engine
     from include.delivery.hook import PipeliningSmtpHook
     from include.delivery.options import DeliveryOptions
     from include.delivery.run import deliver_pending
-    url, port = sys.argv[1], int(sys.argv[2])
+    url, port, options = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
     config = load_config(None, DEFAULT_TEMPLATES_DIR)
     config = config.model_copy(update={"limits": config.limits.model_copy(update={"rate": None})})
     smtp = PipeliningSmtpHook.for_connection(SimpleNamespace(host="127.0.0.1", port=port, login=None, password=None,
                                              extra_dejson={"disable_ssl": True, "disable_tls": True})).session_settings()
     deliver_pending(make_engine(url), config, smtp, DeliveryOptions(templates_dir=DEFAULT_TEMPLATES_DIR, worker_id="doomed",
-                    connections=2, window=1, batch_size=40))
+                    **options))
     """
 )
 
@@ -428,7 +428,14 @@ def test_a_worker_killed_mid_batch_then_rerun_sends_at_most_the_in_flight_messag
     ids = seed(engine, config, [{} for _ in range(200)])
     server.faults.delay = 0.01  # a slow relay, so the kill lands mid-batch
     worker = subprocess.Popen(
-        [sys.executable, "-c", KILLED_WORKER, db_url, str(server.port)],
+        [
+            sys.executable,
+            "-c",
+            KILLED_WORKER,
+            db_url,
+            str(server.port),
+            json.dumps({"connections": 2, "window": 1, "batch_size": 40}),
+        ],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )

@@ -4,12 +4,12 @@ have been taken over, and a crash is not a failed attempt."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections import Counter
@@ -27,6 +27,7 @@ from include.delivery.run import deliver_pending
 from include.errors import ConfigError, RelayRefusedError, SmtpUnavailableError
 from include.sandbox.smtp_server import LocalSmtpServer
 from tests.integration.test_delivery import (
+    KILLED_WORKER,
     ROOT,
     deliver,
     received_ids,
@@ -267,26 +268,6 @@ def test_claims_of_a_dead_worker_are_due_at_once_and_do_not_use_up_the_retry_bud
     assert sorted((state[i].status, state[i].attempts) for i in ids) == [("pending", 1), ("sent", 1)]
 
 
-KILLED_WORKER = textwrap.dedent(
-    """
-    import sys
-    from types import SimpleNamespace
-    from include.config import DEFAULT_TEMPLATES_DIR, load_config
-    from include.database.engine import make_engine
-    from include.delivery.hook import PipeliningSmtpHook
-    from include.delivery.options import DeliveryOptions
-    from include.delivery.run import deliver_pending
-    url, port = sys.argv[1], int(sys.argv[2])
-    config = load_config(None, DEFAULT_TEMPLATES_DIR)
-    config = config.model_copy(update={"limits": config.limits.model_copy(update={"rate": None})})
-    smtp = PipeliningSmtpHook.for_connection(SimpleNamespace(host="127.0.0.1", port=port, login=None, password=None,
-                                             extra_dejson={"disable_ssl": True, "disable_tls": True})).session_settings()
-    deliver_pending(make_engine(url), config, smtp, DeliveryOptions(templates_dir=DEFAULT_TEMPLATES_DIR, worker_id="doomed",
-                    connections=2, window=4, batch_size=50, render_processes=0))
-    """
-)
-
-
 @pytest.mark.slow
 def test_sigkill_while_the_relay_answers_slowly_then_a_run_sends_everything_within_the_window(
     db_url: str, engine: Engine, config: TriggersConfig, server: LocalSmtpServer
@@ -294,7 +275,14 @@ def test_sigkill_while_the_relay_answers_slowly_then_a_run_sends_everything_with
     ids = seed(engine, config, [{} for _ in range(150)])
     server.faults.reply_delay = 0.003  # every reply line comes late
     worker = subprocess.Popen(
-        [sys.executable, "-c", KILLED_WORKER, db_url, str(server.port)],
+        [
+            sys.executable,
+            "-c",
+            KILLED_WORKER,
+            db_url,
+            str(server.port),
+            json.dumps({"connections": 2, "window": 4, "batch_size": 50, "render_processes": 0}),
+        ],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )

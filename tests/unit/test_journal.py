@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +24,7 @@ from include.errors import (
     PipelineUnavailableError,
 )
 from include.sandbox.net import free_port
+from tests.conftest import serving
 
 CONSUMER = "customer_dev"
 
@@ -91,12 +91,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def pipeline() -> Iterator[ScriptedPipeline]:
-    server = ScriptedPipeline()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(ScriptedPipeline()) as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)

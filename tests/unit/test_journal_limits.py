@@ -4,7 +4,6 @@ the total read deadline, not only by the socket timeout."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +14,7 @@ import pytest
 from include.adobe.auth import ImsAuthenticator
 from include.adobe.journal import JournalClient, JournalPage
 from include.errors import PipelineRequestError, PipelineUnavailableError
+from tests.conftest import serving
 from tests.unit.test_journal import CONSUMER, credentials
 
 CAP = 1024 * 1024
@@ -82,12 +82,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server() -> Iterator[HostileJournal]:
-    server = HostileJournal()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(HostileJournal()) as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)
