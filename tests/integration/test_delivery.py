@@ -10,7 +10,6 @@ import sys
 import textwrap
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select, text
 
-from include.config import DEFAULT_TEMPLATES_DIR, TriggersConfig, load_config
+from include.config import DEFAULT_TEMPLATES_DIR, TriggersConfig
 from include.database.schema import deliveries, recipients
 from include.database.sql import bulk_write
 from include.delivery.hook import PipeliningSmtpHook
@@ -31,18 +30,6 @@ from tests.conftest import upgrade_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 CART_TRIGGER = "3e8a2ba7-fccc-49bb-bdac-33ee33cf02bf"
-
-
-@pytest.fixture(scope="module")
-def config() -> TriggersConfig:
-    loaded = load_config(ROOT / "include" / "triggers.yaml", DEFAULT_TEMPLATES_DIR)
-    return loaded.model_copy(update={"limits": loaded.limits.model_copy(update={"rate": None})})
-
-
-@pytest.fixture
-def server() -> Iterator[LocalSmtpServer]:
-    with LocalSmtpServer() as smtp:
-        yield smtp
 
 
 def settings_of(connection: Any) -> SmtpSettings:

@@ -13,20 +13,19 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
 
-from include.config import DEFAULT_TEMPLATES_DIR, TriggersConfig, load_config
+from include.config import DEFAULT_TEMPLATES_DIR, TriggersConfig
 from include.delivery.options import DeliveryOptions
 from include.delivery.recovery import requeue_interrupted
 from include.delivery.run import deliver_pending
 from include.errors import ConfigError, RelayRefusedError, SmtpUnavailableError
 from include.sandbox.smtp_server import LocalSmtpServer
-from tests.integration.test_delivery import (
+from tests.integration.test_delivery import (  # noqa: F401 (fixtures)
     KILLED_WORKER,
     ROOT,
     deliver,
@@ -38,18 +37,6 @@ from tests.integration.test_delivery import (
 )
 
 TAKEN_OVER = "other-run|elsewhere|1|abcdef"
-
-
-@pytest.fixture(scope="module")
-def config() -> TriggersConfig:
-    loaded = load_config(ROOT / "include" / "triggers.yaml", DEFAULT_TEMPLATES_DIR)
-    return loaded.model_copy(update={"limits": loaded.limits.model_copy(update={"rate": None})})
-
-
-@pytest.fixture
-def server() -> Iterator[LocalSmtpServer]:
-    with LocalSmtpServer() as smtp:
-        yield smtp
 
 
 def statuses(engine: Engine) -> Counter[str]:
