@@ -8,8 +8,10 @@ One package per stage of an event's path; a package imports only the ones before
     adobe                        IMS authentication, the journal client, AdobePipelineHook
     staging                      page parsing, the staging write, the drain loop, export import
     audience                     the recipients table, loaded from CSV
+    suppressions, bounces        addresses never to email; one-click unsubscribe; DSN and ARF reports
     matching                     pure pandas rules, reads, the decision writer, the run
     delivery                     rendering, SMTP with pipelining, rate limits, sending, recovery
+    previews                     preview, test send, dry run: what would go out, sending nothing
     operations                   run report, status, purge, the db command
     cli                          the command table
 

@@ -44,6 +44,7 @@ recipients = Table(
     Column("mc_id", Text, unique=True),
     Column("opted_out", Boolean, nullable=False, default=False),
     Column("updated_at", Float),
+    Column("timezone", Text, comment="IANA name for send windows; empty: the configured default"),
 )
 
 deliveries = Table(
@@ -56,17 +57,48 @@ deliveries = Table(
     Column("event_id", Text, nullable=False),
     Column("event_time", Float, nullable=False, comment="time_gmt of the triggering event"),
     Column("decided_at", Float, nullable=False),
-    Column("status", Text, nullable=False, comment="pending, sending, sent, failed, suppressed"),
+    Column("status", Text, nullable=False, comment="pending, sending, sent, failed, suppressed, bounced"),
     Column("reason", Text),
     Column("attempts", Integer, nullable=False, default=0),
     Column("claimed_at", Float),
     Column("claimed_by", Text),
     Column("sent_at", Float),
     Column("smtp_reply", Text),
+    Column("not_before", Float, comment="a pending email waits until then (send window)"),
     # delivery's next batch, in order, without a sort; a run's decisions arrive in event time
     # order, so its rows append to the index instead of landing at random delivery ids (2x cheaper)
     Index("ix_deliveries_next", "status", "decided_at", "event_time", "delivery_id"),
     Index("ix_deliveries_recipient_time", "recipient_id", "event_time"),  # matching's history
+)
+
+suppressions = Table(
+    "suppressions",
+    metadata,
+    Column("email", Text, primary_key=True, comment="lower-case"),
+    Column("campaign_id", Text, primary_key=True, comment="empty: every campaign"),
+    Column("reason", Text, nullable=False, comment="unsubscribed, hard_bounce, complaint, manual"),
+    Column("source", Text, comment="where it came from: a delivery id, a report, a file, a person"),
+    Column("created_at", Float, nullable=False),
+)
+
+triggers_secrets = Table(
+    "triggers_secrets",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+mailbox_reports = Table(
+    "mailbox_reports",
+    metadata,
+    Column("report_id", Text, primary_key=True, comment="the report's Message-ID (or a hash of it)"),
+    Column("kind", Text, nullable=False, comment="dsn, arf, other"),
+    Column("delivery_id", Text),
+    Column("email", Text),
+    Column("outcome", Text, nullable=False),
+    Column("detail", Text),
+    Column("read_at", Float, nullable=False),
 )
 
 matching_frontier = Table(

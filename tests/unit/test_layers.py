@@ -17,8 +17,10 @@ LAYERS = (
     ("adobe",),
     ("staging",),
     ("audience",),
+    ("suppressions", "bounces"),  # bounces records suppressions; matching and delivery read them
     ("matching",),
     ("delivery",),
+    ("previews",),
     ("operations",),
     ("cli",),
 )
