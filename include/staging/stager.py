@@ -86,7 +86,9 @@ class Stager:
                 if then is not None:
                     then(conn, staged, 0)
             return staged, 0
-        except _refusals(self.engine) as error:
+        except Exception as error:
+            if not refused_a_value(error):
+                raise  # a lock, a lost connection, a full disk: the drain stops, the next run retries
             log.warning("the database refused a batch (%s); writing it row by row", _message(error))
         with self.engine.begin() as conn:
             staged, refused = self.write_rows(conn, page)
@@ -97,7 +99,6 @@ class Stager:
     def write_rows(self, conn: Connection, page: ParsedPage) -> tuple[int, int]:
         """The page's rows one by one, each in a savepoint; a row the database refuses is stored
         quarantined with its message. Returns (rows written, rows refused)."""
-        refusals = _refusals(conn.engine)
         columns = page.columns
         if conn.dialect.name == "sqlite":  # pysqlite opens its transaction only before DML: a first
             # SAVEPOINT would open it instead, and its RELEASE commit before the position moves
@@ -107,7 +108,9 @@ class Stager:
             try:
                 with conn.begin_nested():
                     staged += bulk_write(conn, self.table, columns, [row])
-            except refusals as error:
+            except Exception as error:
+                if not refused_a_value(error):
+                    raise
                 with conn.begin_nested():  # refused again: the error stops the drain, nothing moves
                     staged += bulk_write(conn, self.table, columns, [_refused_row(columns, row, error)])
                 refused += 1
@@ -170,9 +173,23 @@ class Stager:
         self.read_position = None
 
 
-def _refusals(engine: Engine) -> tuple[type[BaseException], ...]:
-    """What a driver raises when the database (or the driver's encoding) refuses a value."""
-    return (DBAPIError, engine.dialect.loaded_dbapi.Error, UnicodeError, ValueError)
+# SQLSTATE classes of a refused value: data exception, integrity constraint, program limit
+# (an index row too large); any other class (a lock, a lost connection, a full disk) is not the row's fault
+_VALUE_SQLSTATE_CLASSES = ("22", "23", "54")
+
+
+def refused_a_value(error: BaseException) -> bool:
+    """Did the database (or the driver's encoding) refuse a value of the row, rather than fail
+    for a reason a retry can cure? Only the former may quarantine an event."""
+    cause = error.orig if isinstance(error, DBAPIError) else error
+    sqlstate = getattr(cause, "sqlstate", None)  # psycopg
+    if sqlstate:
+        return str(sqlstate)[:2] in _VALUE_SQLSTATE_CLASSES
+    if isinstance(cause, (UnicodeError, ValueError)):  # the driver could not encode a value
+        return True
+    # PEP 249's names, also for errors a driver raises itself (psycopg: NUL in text; sqlite3: a
+    # value too big); "database is locked", I/O and disk-full errors are OperationalError
+    return type(cause).__name__ in {"DataError", "IntegrityError"}
 
 
 def _message(error: BaseException) -> str:

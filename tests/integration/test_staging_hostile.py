@@ -9,10 +9,12 @@ import base64
 import secrets
 import threading
 import time
+from typing import Any
 
 import pytest
 import requests
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy import event as sqlalchemy_event
 
 from include.adobe.auth import ImsAuthenticator
 from include.cli import build_parser
@@ -23,7 +25,7 @@ from include.sandbox.simulator.server import Simulator
 from include.staging.drain import SKIP_COMMAND, drain
 from include.staging.imports import import_export
 from include.staging.parser import dimension_values
-from include.staging.stager import Stager
+from include.staging.stager import Stager, refused_a_value
 from tests.integration import test_ingestion as ingestion
 from tests.integration.test_ingestion import CART, config, credentials_for, journal, start_simulator
 
@@ -258,3 +260,46 @@ def test_the_simulator_publishes_exact_bytes_over_http(simulator):
     assert b'"caf\xe9"' in b"".join(bytes(chunk) for chunk in simulator.journal.page(0, 1).chunks)
     refused = requests.post(f"{simulator.url}/_sim/publish", json={"raw_base64": ["%%"]}, timeout=10)
     assert refused.status_code == 400
+
+
+def impatient_engine(db_url: str) -> Engine:
+    """An engine of the staging database that gives up on a lock after 0.2 s."""
+    if db_url.startswith("postgresql"):
+        return create_engine(db_url, connect_args={"options": "-c lock_timeout=200"})
+    own = make_engine(db_url)
+
+    @sqlalchemy_event.listens_for(own, "connect")  # after make_engine's pragmas
+    def _short_busy_timeout(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.execute("PRAGMA busy_timeout=200")
+
+    return own
+
+
+def test_a_lock_stops_the_stage_and_never_quarantines_an_event(engine, db_url, caplog):
+    """A lock is not the row's fault: the stage fails as a whole (the next run retries) instead of
+    writing row by row, where a lock released midway would quarantine good events."""
+    impatient = impatient_engine(db_url)
+    stager = Stager(impatient, config())
+    stager.position()
+    page = stager.parser.parse_page(
+        b'{"events":[{"position":"p1","event":{"event_id":"e1","triggerId":"%s"}}]}' % CART.encode(), 1.0
+    )
+    holder = engine.connect()
+    try:
+        if engine.dialect.name == "postgresql":
+            holder.execute(text("LOCK TABLE pipeline_events IN ACCESS EXCLUSIVE MODE"))
+        else:
+            holder.exec_driver_sql("UPDATE pipeline_state SET position = position")  # takes the write lock
+        with caplog.at_level("WARNING"), pytest.raises(Exception, match="lock") as refused:
+            stager.stage(page, pipeline_host="h", fetched_at=1)
+        assert not refused_a_value(refused.value)
+        assert "row by row" not in caplog.text
+    finally:
+        holder.rollback()
+        holder.close()
+    assert count_rows(engine) == 0
+    stager.stage(page, pipeline_host="h", fetched_at=1)  # the next run stages it as it is
+    with engine.connect() as conn:
+        assert conn.execute(select(TABLE.c.event_id, TABLE.c.status)).all() == [("e1", "new")]
+    assert stored(engine).position == "p1"
+    impatient.dispose()
