@@ -321,10 +321,13 @@ def test_faults_publishing_and_stats_can_be_switched_over_http(sim):
     assert requests.post(f"{admin}/faults", json={"expire_tokens": True}, timeout=5).ok
     assert journal.get().status_code == 401
     journal = Journal(sim)
+    flaky = requests.post(f"{admin}/faults", json={"share": 1.0, "share_status": 502}, timeout=5).json()
+    assert flaky["flaky"] == {"status": 502, "share": 1.0} and journal.get().status_code == 502
     requests.post(f"{admin}/faults", json={"slow_seconds": 5, "status": 500, "count": 9}, timeout=5)
     assert requests.post(f"{admin}/faults", json={"clear": True}, timeout=5).json() == {
         "pending": [],
         "slow_seconds": 0.0,
+        "flaky": None,
     }
     assert requests.post(f"{admin}/publish", json={"count": 7}, timeout=5).json()["length"] == 257
     assert requests.post(f"{admin}/faults", data="not json", timeout=5).status_code == 400

@@ -8,6 +8,7 @@ import hmac
 import json
 import logging
 import socket
+import sys
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +26,14 @@ JOURNAL_LIMIT_MAX = 100_000
 class SimulatorHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     simulator: Simulator
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (killed, timed out) is routine here: one line, no traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError):
+            log.info("simulator: client %s went away (%s)", client_address, error)
+            return
+        super().handle_error(request, client_address)
 
 
 class _Reply(Exception):
@@ -347,6 +356,8 @@ class SimulatorHandler(BaseHTTPRequestHandler):
                 )
             if "slow_seconds" in document:
                 simulator.faults.slow_seconds = float(document["slow_seconds"])
+            if "share" in document:  # {"share": 0.2, "share_status": 503}: that share of requests fails
+                simulator.faults.fail_share(int(document.get("share_status", 503)), float(document["share"]))
             if document.get("expire_tokens"):
                 simulator.expire_tokens()
         except (TypeError, ValueError) as error:

@@ -11,6 +11,7 @@ core. Switch faults while it runs: ``curl -d '{"status": 503, "count": 3}' URL/_
 from __future__ import annotations
 
 import json
+import random
 import secrets
 import threading
 import time
@@ -32,12 +33,19 @@ class Faults:
         self._pending: deque[list[Any]] = deque()  # [status, remaining, retry_after]
         self._bodies: dict[str | None, bytes] = {}  # since -> the body sent instead of that page
         self.slow_seconds = 0.0
+        self._flaky: tuple[int, float] | None = None  # (status, share of requests)
+        self._chance = random.Random(0)  # seeded: a test's faults are the same every time
 
     def fail_next(self, status: int, count: int = 1, retry_after: float | None = None) -> None:
         """Answer the next ``count`` journal requests with ``status`` (after earlier pending faults)."""
         if count > 0:
             with self._lock:
                 self._pending.append([int(status), int(count), retry_after])
+
+    def fail_share(self, status: int, share: float) -> None:
+        """Answer about ``share`` of the journal requests (at random) with ``status``; 0 stops it."""
+        with self._lock:
+            self._flaky = (int(status), float(share)) if share > 0 else None
 
     def replace_page(self, body: bytes, since: str | None = None) -> None:
         """The page after ``since`` (None: the first retained) is sent as ``body`` instead, with its
@@ -54,9 +62,12 @@ class Faults:
             self._pending.clear()
             self._bodies.clear()
             self.slow_seconds = 0.0
+            self._flaky = None
 
     def take(self) -> tuple[int, float | None] | None:
         with self._lock:
+            if not self._pending and self._flaky and self._chance.random() < self._flaky[1]:
+                return self._flaky[0], None
             if not self._pending:
                 return None
             fault = self._pending[0]
@@ -68,7 +79,8 @@ class Faults:
     def describe(self) -> dict[str, Any]:
         with self._lock:
             pending = [{"status": s, "count": c, "retry_after": r} for s, c, r in self._pending]
-        return {"pending": pending, "slow_seconds": self.slow_seconds}
+            flaky = {"status": self._flaky[0], "share": self._flaky[1]} if self._flaky else None
+        return {"pending": pending, "slow_seconds": self.slow_seconds, "flaky": flaky}
 
 
 class TokenStore:
