@@ -9,16 +9,17 @@ scope wins, a later one changes nothing (its reason and source stay those of the
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
 
 from include.database.schema import suppressions
-from include.database.sql import in_list, insert_for, list_param
+from include.database.sql import bulk_write, in_list, list_param
 
 EVERY_CAMPAIGN = ""
 REASONS = ("unsubscribed", "hard_bounce", "complaint", "manual")
+COLUMNS = ("email", "campaign_id", "reason", "source", "created_at")  # the table's, in CSV order
 
 
 def address_key(email: str) -> str:
@@ -32,6 +33,7 @@ class Suppression:
     reason: str
     campaign_id: str = EVERY_CAMPAIGN
     source: str | None = None
+    created_at: float | None = None  # None: when it is added
 
     def __post_init__(self) -> None:
         if self.reason not in REASONS:
@@ -47,14 +49,18 @@ def add(conn: Connection, items: Iterable[Suppression], now: float | None = None
             "campaign_id": item.campaign_id or EVERY_CAMPAIGN,
             "reason": item.reason,
             "source": item.source,
-            "created_at": stamp,
+            "created_at": stamp if item.created_at is None else item.created_at,
         }
         for item in items
     ]
     if not rows:
         return 0
-    statement = insert_for(conn)(suppressions).on_conflict_do_nothing(index_elements=["email", "campaign_id"])
-    return sum(conn.execute(statement, [row]).rowcount for row in rows)
+    # plain SQL, one row per execute: SQLAlchemy's insert construct reports rowcount -1 on psycopg
+    statement = text(
+        f"INSERT INTO suppressions ({', '.join(COLUMNS)}) VALUES ({', '.join(':' + c for c in COLUMNS)}) "
+        "ON CONFLICT (email, campaign_id) DO NOTHING"
+    )
+    return sum(conn.execute(statement, row).rowcount for row in rows)
 
 
 def remove(conn: Connection, email: str, campaign_id: str = EVERY_CAMPAIGN) -> int:
@@ -85,3 +91,45 @@ def suppressed_reason(found: dict[tuple[str, str], str], email: str, campaign_id
     """The reason ``email`` may not receive ``campaign_id`` (every-campaign first), else None."""
     key = address_key(email)
     return found.get((key, EVERY_CAMPAIGN)) or found.get((key, campaign_id))
+
+
+def add_many(conn: Connection, items: Iterable[Suppression], now: float | None = None) -> int:
+    """:func:`add` for a large list (an import): one bulk write (COPY on PostgreSQL) in the
+    caller's transaction; the first of several items of one scope wins, as in :func:`add`."""
+    stamp = time.time() if now is None else now
+    rows: dict[tuple[str, str], tuple[str, str, str, str | None, float]] = {}
+    for item in items:
+        key = (address_key(item.email), item.campaign_id or EVERY_CAMPAIGN)
+        if key not in rows:
+            created = stamp if item.created_at is None else item.created_at
+            rows[key] = (*key, item.reason, item.source, created)
+    return bulk_write(conn, suppressions, COLUMNS, list(rows.values()), conflict="nothing")
+
+
+def listed(
+    conn: Connection,
+    *,
+    email: str | None = None,
+    campaign_id: str | None = None,
+    reason: str | None = None,
+    limit: int | None = None,
+) -> Iterator[Suppression]:
+    """The suppressions (those of ``email``, of the scope ``campaign_id``, of ``reason`` when
+    given), by address then scope, streamed: an export of millions holds only a part in memory."""
+    conditions, params = [], {}
+    for column, value in (("email", email), ("campaign_id", campaign_id), ("reason", reason)):
+        if value is not None:
+            conditions.append(f"{column} = :{column}")
+            params[column] = address_key(value) if column == "email" else value
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    tail = f" LIMIT {int(limit)}" if limit is not None else ""
+    sql = f"SELECT {', '.join(COLUMNS)} FROM suppressions{where} ORDER BY email, campaign_id{tail}"
+    result = conn.execution_options(stream_results=True, yield_per=10_000).execute(text(sql), params)
+    for email_key, campaign, why, source, created in result:
+        yield Suppression(email_key, why, campaign, source, float(created))
+
+
+def counts_by_reason(conn: Connection) -> dict[str, int]:
+    """reason -> how many suppressions (every scope), largest first."""
+    found = conn.execute(text("SELECT reason, count(*) FROM suppressions GROUP BY reason"))
+    return dict(sorted(((r, int(n)) for r, n in found), key=lambda kv: (-kv[1], kv[0])))
