@@ -1,6 +1,7 @@
 """Delivery throughput: deliver_pending (render + send + record) beside plain smtplib.
 
     python -m bench.bench_delivery [--messages 100000] [--db URL] [--connections 1,2,4] [--repeat 3]
+                                   [--suppressions 1000000]
 
 Starts a minimal SMTP sink in its own process (so it does not share the client's GIL), fills a
 database with N recipients and N pending deliveries, then times on the same sink, in one run:
@@ -239,6 +240,45 @@ def fill_database(engine, config, count: int) -> None:
             )
 
 
+def load_suppressions(engine, count: int) -> float:
+    """``count`` suppressed addresses, none of them a recipient's (every reason, every campaign);
+    returns the seconds the import took (add_many: COPY on PostgreSQL)."""
+    from include.suppressions.store import REASONS, Suppression, add_many
+
+    clear_suppressions(engine)
+    started = time.perf_counter()
+    for start in range(0, count, 200_000):
+        part = [
+            Suppression(f"gone{i}@{DOMAINS[i % len(DOMAINS)]}", REASONS[i % len(REASONS)], source="bench")
+            for i in range(start, min(count, start + 200_000))
+        ]
+        with engine.begin() as conn:
+            add_many(conn, part)
+    took = time.perf_counter() - started
+    settle(engine)
+    return took
+
+
+def clear_suppressions(engine) -> None:
+    from sqlalchemy import text
+
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM suppressions"))
+    settle(engine)
+
+
+def settle(engine) -> None:
+    """After a million-row write: SQLite's write-ahead log folded in, PostgreSQL's statistics
+    fresh, so that the timed run does not pay for the load."""
+    from sqlalchemy import text
+
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        else:
+            conn.execute(text("ANALYZE suppressions"))
+
+
 def reset_deliveries(engine) -> None:
     from sqlalchemy import text
 
@@ -328,6 +368,12 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="rounds; the table shows medians")
     parser.add_argument("--window1", action="store_true", help="also time 1 connection with window=1")
     parser.add_argument(
+        "--suppressions",
+        type=int,
+        default=0,
+        help="also time 1 connection with this many suppressed addresses loaded, and right after without",
+    )
+    parser.add_argument(
         "--no-pipelining", action="store_true", help="the sink does not offer PIPELINING (RFC 2920)"
     )
     parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)
@@ -359,6 +405,7 @@ def main() -> int:
     path: dict[int, list[float]] = {n: [] for n in counts}
     ratio: dict[int, list[float]] = {n: [] for n in counts}  # deliver_pending on n / plain on 1, same round
     window1: list[float] = []
+    suppressed: dict[str, list[float]] = {"with": [], "without": []}
     try:
         messages, render_rate = pre_render(config, count)
         size = statistics.median(len(m.data) for m in messages[:1000])
@@ -380,6 +427,19 @@ def main() -> int:
             if args.window1:
                 window1.append(delivery_path(engine, config, port, count, 1, 1) / one)
                 print(f"round {round_}: 1 connection, window=1: ratio {window1[-1]:.2f}", flush=True)
+            if args.suppressions:  # with then without, then the other way round: both see the same load
+                if round_ % 2 == 0:
+                    suppressed["without"].append(delivery_path(engine, config, port, count, 1))
+                took = load_suppressions(engine, args.suppressions)
+                suppressed["with"].append(delivery_path(engine, config, port, count, 1))
+                clear_suppressions(engine)
+                if round_ % 2 == 1:
+                    suppressed["without"].append(delivery_path(engine, config, port, count, 1))
+                print(
+                    f"round {round_}: 1 connection, {args.suppressions:,} suppressions (loaded in {took:.1f} s): "
+                    f"{suppressed['with'][-1]:,.0f}/s, without: {suppressed['without'][-1]:,.0f}/s",
+                    flush=True,
+                )
     finally:
         sink.terminate()
         sink.wait()
@@ -401,6 +461,12 @@ def main() -> int:
     if window1:
         print(
             f"1 connection, window=1 (a commit before each next message): {med(window1):.2f} of plain on 1 connection"
+        )
+    if args.suppressions:
+        change = med([w / o for w, o in zip(suppressed["with"], suppressed["without"], strict=True)])
+        print(
+            f"1 connection with {args.suppressions:,} suppressions: {med(suppressed['with']):,.0f} msg/s, without: "
+            f"{med(suppressed['without']):,.0f} msg/s (with / without, same round: {change:.2f})"
         )
     print("goal (issue 4): deliver_pending on 1 connection >= 0.80 of plain smtplib on 1 connection")
     return 0

@@ -1,6 +1,6 @@
 """Matching at volume: N staged events against N recipients, end to end, on SQLite and PostgreSQL.
 
-    python -m bench.bench_matching [--db sqlite|postgresql|both] [--events N] [--repeat K]
+    python -m bench.bench_matching [--db sqlite|postgresql|both] [--events N] [--repeat K] [--suppressions N]
 
 The events (cart 45 %, browse 40 %, purchase 15 %, over N people of whom 5 % are unknown) and
 the recipients are written with db.bulk_write first (not timed). Then a fresh process runs
@@ -158,8 +158,9 @@ def _drop_database(kind: str) -> None:
     admin.dispose()
 
 
-def prepare(url: str, events: int) -> None:
-    """Create the schema and write the frames (not timed)."""
+def prepare(url: str, events: int, suppressions: int = 0) -> None:
+    """Create the schema and write the frames and ``suppressions`` suppressed addresses (not
+    timed): every 100th recipient's, the rest nobody's."""
     from include.database.engine import make_engine
     from include.database.schema import events_table, recipients
     from include.database.sql import bulk_write
@@ -180,9 +181,23 @@ def prepare(url: str, events: int) -> None:
             part = frame.iloc[start : start + step].astype(object)
             part = part.where(part.notna(), None)
             bulk_write(conn, table, EVENT_COLUMNS, list(part.itertuples(index=False, name=None)))
+    _suppress(engine, people["email"].iloc[::100].tolist(), suppressions)
     with engine.begin() as conn:
         conn.exec_driver_sql("ANALYZE")
     engine.dispose()
+
+
+def _suppress(engine, recipients_emails: list[str], count: int) -> None:
+    from include.suppressions.store import Suppression, add_many
+
+    addresses = recipients_emails[:count] + [
+        f"gone{i}@example.net" for i in range(count - len(recipients_emails))
+    ]
+    for start in range(0, len(addresses), 200_000):
+        with engine.begin() as conn:
+            add_many(
+                conn, [Suppression(a, "unsubscribed") for a in addresses[start : start + 200_000] if "@" in a]
+            )
 
 
 def _peak_rss_mib() -> float:
@@ -267,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", choices=("sqlite", "postgresql", "both"), default="both")
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument(
+        "--suppressions",
+        type=int,
+        default=0,
+        help="suppressed addresses loaded (1 %% of the recipients, the rest nobody's)",
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=1,
@@ -274,7 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     kinds = ("sqlite", "postgresql") if args.db == "both" else (args.db,)
-    print(f"matching {args.events:,} staged events against {args.events:,} recipients")
+    print(
+        f"matching {args.events:,} staged events against {args.events:,} recipients, "
+        f"{args.suppressions:,} suppressed addresses"
+    )
     merge = _in_child(run_merge, args.events)
     print(
         f"  bare pandas merge     {merge['seconds']:7.2f} s  {args.events / merge['seconds']:>12,.0f} events/s  "
@@ -285,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = []
             for _ in range(args.repeat):
                 url = _fresh_database(kind, Path(workdir))
-                prepare(url, args.events)
+                prepare(url, args.events, args.suppressions)
                 runs.append(_in_child(run_matching, url))
                 _drop_database(kind)
             seconds = statistics.median(r["seconds"] for r in runs)

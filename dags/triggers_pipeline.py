@@ -15,6 +15,11 @@ The near-real-time micro-batch of Adobe Campaign's Triggers integration:
 A backfill run skips the drain and processes only the events whose time falls in its
 data interval.
 
+**Params** (the Trigger form, or `airflow dags test triggers_pipeline --conf '{...}'`):
+`dry_run` (the match task decides and renders, and reports per campaign what would be sent
+and suppressed and why, with rendered samples in its log; nothing is drained, written or
+sent), `max_events` (cap on the events drained) and `max_messages` (cap on the emails sent).
+
 **One failing stage does not stop the others.** `match`, `deliver` and `report` run once their
 upstream tasks are done, whatever their state: a drain that fails (journal down past
 `retry_validity`, 403, a page that cannot be read) still lets the run match and send what is
@@ -33,11 +38,12 @@ README for tuning.
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 from typing import Any
 
 import pendulum
-from airflow.sdk import CronDataIntervalTimetable, TriggerRule, dag, get_current_context, task
+from airflow.sdk import CronDataIntervalTimetable, Param, TriggerRule, dag, get_current_context, task
 
 SCHEDULE = os.environ.get("TRIGGERS_SCHEDULE", "* * * * *")
 DELIVERY_CONNECTIONS = int(os.environ.get("TRIGGERS_SMTP_CONNECTIONS", "2"))
@@ -75,6 +81,36 @@ def _window():
     return RunWindow.from_context(get_current_context())
 
 
+# the Trigger form of a manual run (and `airflow dags test --conf`); a scheduled run takes the defaults
+PARAMS = {
+    "dry_run": Param(
+        False,
+        type="boolean",
+        title="Dry run",
+        description="Decide and render, report per campaign what would be sent and suppressed (match "
+        "task log); drain, write and send nothing.",
+    ),
+    "max_events": Param(
+        None,
+        type=["null", "integer"],
+        minimum=1,
+        title="Max events drained",
+        description="Cap on the journal events this run drains (empty: until the journal is empty).",
+    ),
+    "max_messages": Param(
+        None,
+        type=["null", "integer"],
+        minimum=1,
+        title="Max messages sent",
+        description="Cap on the emails this run sends (empty: every due email).",
+    ),
+}
+
+
+def _param(name: str) -> Any:
+    return get_current_context()["params"].get(name)
+
+
 @dag(
     dag_id="triggers_pipeline",
     schedule=CronDataIntervalTimetable(SCHEDULE, timezone="UTC"),
@@ -83,6 +119,7 @@ def _window():
     max_active_runs=1,
     doc_md=__doc__,
     tags=["triggers", "adobe"],
+    params=PARAMS,
     default_args={
         "retries": 3,
         "retry_delay": timedelta(seconds=20),
@@ -108,13 +145,19 @@ def triggers_pipeline() -> None:
         from include.resources import open_resources
         from include.staging.drain import drain as drain_journal
 
-        if _window().backfill:
-            return {"received": 0, "skipped": "backfill"}
+        if _window().backfill or _param("dry_run"):
+            return {"received": 0, "skipped": "dry run" if _param("dry_run") else "backfill"}
         with (
             open_resources() as res,
             AdobePipelineHook.for_config(res.config, res.settings.pipeline_conn_id) as hook,
         ):
-            return drain_journal(res.engine, res.config, hook.get_conn()).as_dict()
+            config = res.config
+            if _param("max_events"):
+                pipeline = config.pipeline.model_copy(
+                    update={"max_events_per_run": int(_param("max_events"))}
+                )
+                config = config.model_copy(update={"pipeline": pipeline})
+            return drain_journal(res.engine, config, hook.get_conn()).as_dict()
 
     @task(**_limits("match", **_AFTER_UPSTREAM))
     def match() -> dict[str, int]:
@@ -124,6 +167,17 @@ def triggers_pipeline() -> None:
 
         window = _window()
         with open_resources() as res:
+            if _param("dry_run"):  # the whole report: the decisions it renders are never written
+                from include.previews.dry_run import dry_run
+
+                return dry_run(
+                    res.engine,
+                    res.config,
+                    res.settings.templates_dir,
+                    now=window.now,
+                    interval=window.interval,
+                    max_messages=_param("max_messages"),
+                )
             return match_ready_events(res.engine, res.config, now=window.now, interval=window.interval)
 
     @task(**_limits("deliver", **_AFTER_UPSTREAM))
@@ -132,9 +186,12 @@ def triggers_pipeline() -> None:
         from include.delivery.hook import PipeliningSmtpHook
         from include.delivery.options import DeliveryOptions
         from include.delivery.run import deliver_pending
+        from include.previews.seeds import send_seed_copies
         from include.resources import open_resources
 
         window = _window()
+        if _param("dry_run"):
+            return {"skipped": "dry run"}
         with open_resources() as res:
             smtp = PipeliningSmtpHook(res.settings.smtp_conn_id).session_settings()
             options = DeliveryOptions(
@@ -142,8 +199,13 @@ def triggers_pipeline() -> None:
                 worker_id=window.run_id,
                 connections=DELIVERY_CONNECTIONS,
                 interval=window.interval,
+                max_messages=_param("max_messages"),
             )
-            return deliver_pending(res.engine, res.config, smtp, options)
+            started = time.time()
+            counts = deliver_pending(res.engine, res.config, smtp, options)
+            # campaigns' seed addresses: a proof copy of each campaign's first email of this run
+            seeds = send_seed_copies(res.engine, res.config, res.settings.templates_dir, smtp, started)
+            return {**counts, **seeds}
 
     @task(**_limits("report", **_AFTER_UPSTREAM))
     def report(
@@ -154,6 +216,8 @@ def triggers_pipeline() -> None:
         from include.operations.report import record_run
         from include.resources import open_resources
 
+        if _param("dry_run"):
+            return {"dry_run": True, "recorded": False, "report": "the match task's log and XCom"}
         with open_resources() as res:
             return record_run(res.engine, _window().run_id, drained, matched, delivered)
 

@@ -7,7 +7,7 @@ The daily purge of the staging database, as Campaign's purge of its pipeline eve
   (default **3 days**) are deleted — except events still `new`: those have not been processed
   yet, so they are kept and counted in a warning rather than lost.
 * **Deliveries** are the dedupe and frequency-cap memory: finished ones (`sent`, `failed`,
-  `suppressed`) are kept for `pipeline.delivery_retention` (default **90 days**, and never less
+  `suppressed`, `bounced`) are kept for `pipeline.delivery_retention` (default **90 days**, and never less
   than the longest `dedupe` or `limits.per_recipient.per`). `pending` ones are never purged.
 * **Run records** (`pipeline_runs`) are kept as long as deliveries.
 

@@ -25,11 +25,24 @@ COMMANDS = {
         "print the pipeline status (what the Airflow status view shows) as JSON",
     ),
     "audience": ("include.audience.load", "load the recipients table from CSV"),
+    "suppressions": (
+        "include.suppressions.commands",
+        "add, remove, list, import or export suppressed addresses (CSV)",
+    ),
+    "unsubscribe": ("include.suppressions.server", "serve the one-click unsubscribe endpoint (RFC 8058)"),
     "db": (
         "include.operations.database",
         "upgrade the staging database's schema (db upgrade) or check it (db check)",
     ),
     "purge": ("include.operations.purge", "delete staged events and deliveries older than their retention"),
+    "bounces": (
+        "include.bounces.mailbox",
+        "read bounces, complaints and mailto unsubscribes from the imap_default mailbox (bounces read)",
+    ),
+    "preview": ("include.previews.preview", "print or write (.eml) what a campaign would send someone"),
+    "send-test": ("include.previews.send_test", "send a proof ([TEST] subject) that is never recorded"),
+    "dry-run": ("include.previews.dry_run", "what a run would send and suppress, and why; writes nothing"),
+    "campaigns": ("include.operations.campaigns", "campaigns' states and waiting emails; cancel them"),
     "smtp": (
         "include.sandbox.smtp_server",
         "run a local SMTP server that keeps what it receives (demo, tests)",

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -40,6 +41,58 @@ def parse_duration(value: Any) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+_WINDOW = re.compile(r"^\s*([01]?\d|2[0-3]):([0-5]\d)\s*-\s*([01]?\d|2[0-3]):([0-5]\d)\s*$")
+
+
+def send_window_minutes(value: Any) -> tuple[int, int]:
+    """``"22:00-06:00"`` -> (1320, 360): minutes after local midnight when sending opens and closes.
+
+    The end is excluded; a start after the end wraps midnight. Equal start and end would be an
+    empty (or a full) day, which is ambiguous: refused, leave ``send_window`` out to send at any hour.
+    """
+    match = _WINDOW.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"{value!r} is not a send window; write HH:MM-HH:MM, e.g. 08:00-21:00")
+    start_h, start_m, end_h, end_m = (int(part) for part in match.groups())
+    start, end = start_h * 60 + start_m, end_h * 60 + end_m
+    if start == end:
+        raise ValueError(
+            f"{value!r} opens and closes at the same time; leave send_window out to send at any hour"
+        )
+    return start, end
+
+
+def _send_window(value: Any) -> str:
+    start, end = send_window_minutes(value)
+    return f"{start // 60:02d}:{start % 60:02d}-{end // 60:02d}:{end % 60:02d}"
+
+
+def check_timezone(value: Any) -> str:
+    """An IANA time zone name that this machine's zoneinfo knows, else ValueError naming the fix."""
+    if isinstance(value, str) and value.strip():
+        try:
+            ZoneInfo(value.strip())
+            return value.strip()
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long for a file
+            pass
+    raise ValueError(
+        f"{repr(value)[:80]} is not an IANA time zone name; write e.g. Europe/Paris or America/New_York"
+    )
+
+
+_SEED = re.compile(r"[^@\s<>,;\"'()\[\]]{1,64}@[^@\s<>,;\"'()\[\]]+\.[^@\s<>,;\"'()\[\]]+")
+
+
+def _seed_address(value: Any) -> str:
+    """A plain ``local@domain`` (the full check, with IDN domains, is where it is sent)."""
+    if isinstance(value, str) and _SEED.fullmatch(value.strip()):
+        return value.strip()
+    raise ValueError(f"{repr(value)[:80]} is not one plain email address, e.g. seed@example.com")
+
+
+SendWindow = Annotated[str, BeforeValidator(_send_window)]
+SeedAddress = Annotated[str, BeforeValidator(_seed_address)]
+TimeZoneName = Annotated[str, BeforeValidator(check_timezone)]
 VALUE_SEPARATOR = "\x1f"  # joins a dimension's values in its column (staging blanks it inside a value)
 
 
@@ -121,6 +174,10 @@ class Campaign(_Strict):
     dedupe: Duration | None = None
     template: str = Field(min_length=1)
     sender: str = Field(min_length=3)
+    enabled: bool = True  # false: its events and pending emails wait (SPEC section 9)
+    max_age: Duration | None = Field(None, gt=0, description="older triggering events: suppressed expired")
+    send_window: SendWindow | None = None  # in the recipient's time zone; else limits.send_window
+    seeds: list[SeedAddress] = []  # each gets a proof copy of the campaign's first email of a run
 
 
 class FrequencyCap(_Strict):
@@ -136,6 +193,8 @@ class RateLimits(_Strict):
 class Limits(_Strict):
     per_recipient: FrequencyCap | None = None
     rate: RateLimits | None = None
+    send_window: SendWindow | None = None  # every campaign without its own
+    default_timezone: TimeZoneName | None = None  # for recipients without one; else UTC
 
 
 class TriggersConfig(_Strict):

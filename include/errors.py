@@ -72,3 +72,24 @@ class UnreadablePageError(TriggersError):
 
 class PositionMovedError(TriggersError):
     """The stored journal position moved while this drain ran (another drain); its batch rolled back."""
+
+
+class SuppressionFileError(TriggersError):
+    """A suppressions CSV cannot be read at all (missing file, no header, unknown columns); a bad
+    line alone is reported with its number and never stops the import."""
+
+
+class UnsubscribeTokenError(TriggersError):
+    """An unsubscribe link's token is malformed, forged, altered, expired, or names no delivery we
+    keep; nothing is recorded (the endpoint answers 4xx)."""
+
+
+class PreviewError(TriggersError):
+    """A preview, test send or dry run cannot be built: unknown campaign, recipient or event; the
+    message names what to pass instead."""
+
+
+class MailboxUnavailableError(TriggersError):
+    """The bounce mailbox of ``imap_default`` cannot be reached, logged into or changed (the message
+    names the connection and the server's answer, never the password); nothing was lost: a report
+    is moved only once what it says is recorded."""

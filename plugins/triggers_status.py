@@ -6,7 +6,9 @@ An Airflow 3 plugin with two parts:
   page (server-rendered, an inline SVG chart, no external asset: it works offline) and
   ``/triggers/status.json`` the same figures as JSON;
 * an external view, ``Triggers status`` in the navigation bar, that shows the page inside the
-  Airflow UI (``/plugin/triggers-status``).
+  Airflow UI (``/plugin/triggers-status``);
+* the public one-click unsubscribe endpoint, ``/triggers/unsubscribe/<token>`` (no sign-in: the
+  signed token is the authority; :mod:`include.suppressions.endpoint` answers).
 
 Both read ``TRIGGERS_DB_URL`` and ``TRIGGERS_CONFIG`` at request time — importing this file
 never touches a database — and both need a signed-in Airflow user (the UI's session cookie or
@@ -127,6 +129,39 @@ def status_json(days: int = Query(3, ge=1, le=31), _user: None = Depends(require
 @app.get("/status", response_class=HTMLResponse)
 def status_page(days: int = Query(3, ge=1, le=31), _user: None = Depends(require_signed_in)) -> HTMLResponse:
     return HTMLResponse(render_page(read_status(days), days))
+
+
+@app.api_route("/unsubscribe/{token}", methods=["GET", "HEAD", "POST"], response_class=HTMLResponse)
+async def unsubscribe(token: str, request: Request) -> Response:
+    """The one-click unsubscribe endpoint (RFC 8058): public, the signed token is the authority.
+    Set ``TRIGGERS_UNSUBSCRIBE_URL=https://<api-server>/triggers/unsubscribe/{token}``."""
+    from fastapi.concurrency import run_in_threadpool
+
+    body, limit = b"", _UNSUBSCRIBE_MAX_BODY
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            break
+    status, page, headers = await run_in_threadpool(
+        _answer_unsubscribe, request.method, token, body, request.headers.get("content-type")
+    )
+    return HTMLResponse(page, status_code=status, headers=headers)
+
+
+_UNSUBSCRIBE_MAX_BODY = 64 * 1024
+
+
+def _answer_unsubscribe(
+    method: str, token: str, body: bytes, content_type: str | None
+) -> tuple[int, str, dict[str, str]]:
+    """include.suppressions.endpoint.answer, the handler the standalone server uses too."""
+    try:
+        from include.config import Settings
+        from include.suppressions.endpoint import answer
+    except ImportError as error:
+        return 503, f"cannot import the project ({error}); put the project root on PYTHONPATH", {}
+    result = answer(_engine(Settings.from_env().db_url), method, token, body, content_type)
+    return result.status, result.body, result.headers
 
 
 @app.exception_handler(HTTPException)

@@ -3,13 +3,15 @@
 ``python -m include.cli audience load PATH`` upserts the file in chunks, in one transaction
 (a file that cannot be read loads nothing). Rows are rejected, counted and reported by line
 when they have no ``recipient_id``, repeat one, give an ``opted_out`` that is not a boolean,
-or claim a ``shopper_id``/``mc_id`` that another recipient holds. A row with an invalid email
+claim a ``shopper_id``/``mc_id`` that another recipient holds, or give a ``timezone`` that is not
+an IANA name (empty: ``limits.default_timezone``). A row with an invalid email
 is loaded (matching suppresses it as ``invalid_email``) and counted in the report.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import time
 from collections import Counter
@@ -19,6 +21,7 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import Connection, Engine, text
 
+from include.config import check_timezone
 from include.database.schema import recipients
 from include.database.sql import bulk_write, in_list, list_param
 from include.errors import AudienceError
@@ -35,6 +38,7 @@ CSV_COLUMNS = (
     "shopper_id",
     "mc_id",
     "opted_out",
+    "timezone",
 )
 REQUIRED_COLUMNS = ("recipient_id", "email")
 UNIQUE_IDENTITIES = ("shopper_id", "mc_id")
@@ -59,6 +63,18 @@ def parse_opted_out(values: pd.Series) -> pd.Series:
     result[words.isin(FALSE_WORDS)] = False
     result[words == ""] = None
     return result
+
+
+@functools.lru_cache(maxsize=4096)
+def _known_timezone(name: str) -> bool:
+    """Empty (the configured default) or an IANA name this machine's zoneinfo knows."""
+    if name == "":
+        return True
+    try:
+        check_timezone(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _header(path: Path) -> list[str]:
@@ -162,6 +178,13 @@ class _Load:
             "bad_opted_out",
             "opted_out is not true/false, 1/0 or yes/no",
         )
+        if "timezone" in chunk:
+            self.reject(
+                chunk,
+                ~chunk["timezone"].map(_known_timezone),
+                "bad_timezone",
+                "timezone is not an IANA name (e.g. Europe/Paris); leave it empty for limits.default_timezone",
+            )
         existing = self.existing(chunk[chunk["_reason"].isna()])
         self.reject_taken_identities(chunk, existing)
         accepted = chunk[chunk["_reason"].isna()]

@@ -20,6 +20,7 @@ from sqlalchemy import Engine, text, update
 from include.config import TriggersConfig
 from include.database.schema import deliveries
 from include.database.sql import driver_sql
+from include.delivery.controls import EXPIRED, SendTimeRules, due_scope, hold_until
 from include.delivery.eligibility import recheck_eligibility
 from include.delivery.render import RenderedEmail
 from include.delivery.render_pool import RECIPIENT_COLUMNS, BatchRenderer, Rendered, Row
@@ -59,6 +60,7 @@ class Producer:
         # off this process while the queued ones are sent)
         self.queue_ahead = max(2 * options.batch_size, 2 * options.connections * options.window)
         self.claimed = 0
+        self.send_time = SendTimeRules(config)
 
     def run(self) -> None:
         state, options = self.state, self.options
@@ -99,13 +101,20 @@ class Producer:
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
     def _scope(self) -> tuple[str, dict[str, Any]]:
+        """Rows of enabled campaigns past their not_before (controls.due_scope), of the interval if any."""
+        scope, params = due_scope(self.engine, self.config, self.state.clock())
         interval = self.options.interval
         if interval is None:
-            return "", {}
-        return " AND d.event_time >= :start AND d.event_time < :end", {
+            return scope, params
+        return scope + " AND d.event_time >= :start AND d.event_time < :end", {
+            **params,
             "start": interval[0],
             "end": interval[1],
         }
+
+    def due_rows(self, limit: int) -> list[Row]:
+        """The rows :meth:`run` would take next, unclaimed (what a dry run reports on)."""
+        return self._select_due(limit)
 
     def _select_due(self, limit: int) -> list[Row]:
         """The next due rows, with their recipient's columns and their event, as plain dicts."""
@@ -141,14 +150,12 @@ class Producer:
         """Render (in the render processes while eligibility is re-checked here); then for each
         rendered part, in one transaction: suppress, fail, claim the rest; yields the claimed jobs."""
         closed: list[dict[str, Any]] = []  # status changes that are not a claim
-        known = []
-        for row in rows:
-            if row["campaign_id"] in self.renderer.campaigns:
-                known.append(row)
-            else:
-                closed.append(
-                    {"id": row["delivery_id"], "status": "suppressed", "reason": "unknown_campaign"}
-                )
+        holds = self.send_time.holds(rows, self.state.clock())
+        hold_until(self.engine, holds.held)  # outside its send window: pending until it opens
+        self.state.count("held_send_window", len(holds.held))
+        closed += [{"id": d, "status": "suppressed", "reason": EXPIRED} for d in holds.expired]
+        waiting = holds.expired | set(holds.held)
+        known = [row for row in rows if row["delivery_id"] not in waiting]
         parts = self.renderer.parts(known, limit)
         with self.engine.connect() as conn:
             reasons = recheck_eligibility(conn, self.config, known)

@@ -15,10 +15,11 @@ from sqlalchemy import Connection
 
 from include.config import TriggersConfig, dimension_column
 from include.database.sql import in_list, list_param
-from include.matching.decisions import Audience, audience_reasons, cancellations
+from include.matching.decisions import Audience, attach_suppressions, audience_reasons, cancellations
 from include.matching.reading import quoted, read_cancelling, read_frame, read_recipients
 from include.matching.rules import Rule, compile_rules, person_columns
 from include.matching.values import objects, text_column
+from include.suppressions.store import reasons_for
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -30,10 +31,12 @@ def _flag(value: Any) -> bool:
 def still_eligible(conn: Connection, config: TriggersConfig, pending: pd.DataFrame) -> pd.Series:
     """At send time: None where a decision still holds, else why not (SPEC section 7).
 
-    ``pending`` has delivery_id, campaign_id, recipient_id, event_id, event_time. Reasons:
+    ``pending`` has delivery_id, campaign_id, recipient_id, event_id, event_time (and the
+    recorded ``email``, checked against the suppressions, else the recipient's). Reasons:
     ``unknown_campaign`` (removed from the configuration), ``unknown_recipient``, ``opted_out``,
-    ``no_email``, ``invalid_email`` (as they are now), ``cancelled_by:<trigger>`` (the cancelling
-    event arrived after the decision). Two to three queries per call, whatever its size.
+    a suppression's reason (``unsubscribed``, ``hard_bounce``...), ``no_email``,
+    ``invalid_email`` (as they are now), ``cancelled_by:<trigger>`` (the cancelling event
+    arrived after the decision). Three to four queries per call, whatever its size.
     """
     reasons = objects(np.full(len(pending), None, dtype=object), pending.index)
     if pending.empty:
@@ -45,6 +48,13 @@ def still_eligible(conn: Connection, config: TriggersConfig, pending: pd.DataFra
     if rows.empty:
         return reasons
     candidates = _candidates(conn, rules, rows)
+    # the address the email goes to is the one its decision recorded, when given
+    sent_to = rows["email"].where(rows["email"].notna(), candidates["email"]) if "email" in rows else None
+    addressed = candidates[["recipient_id", "campaign_id", "email"]].copy()
+    if sent_to is not None:
+        addressed["email"] = objects(sent_to.to_numpy(dtype=object), addressed.index)
+    attach_suppressions(addressed, lambda emails: reasons_for(conn, emails))
+    candidates["suppression"] = addressed["suppression"]
     audience_reason = audience_reasons(candidates)
     reasons.loc[rows.index] = audience_reason.to_numpy()
     with_unless = [r.index for r in rules if r.unless_label]
@@ -73,6 +83,7 @@ def _candidates(conn: Connection, rules: list[Rule], rows: pd.DataFrame) -> pd.D
     candidates = pd.DataFrame(
         {
             "rule": rows["campaign_id"].map(rule_index).to_numpy(dtype=np.int64),
+            "campaign_id": objects(rows["campaign_id"].to_numpy(dtype=object), index),
             "event_id": objects(rows["event_id"].to_numpy(dtype=object), index),
             "time_gmt": rows["event_time"].to_numpy(dtype=float),
             "identity": recipient_ids,
@@ -126,8 +137,8 @@ def recheck_eligibility(conn: Any, config: TriggersConfig, rows: list[Mapping[st
             reasons.append(None)
     open_rows = [i for i, reason in enumerate(reasons) if reason is None]
     if open_rows:
-        columns = ("delivery_id", "campaign_id", "recipient_id", "event_id", "event_time")
-        frame = pd.DataFrame({name: [rows[i][name] for i in open_rows] for name in columns})
+        columns = ("delivery_id", "campaign_id", "recipient_id", "event_id", "event_time", "email")
+        frame = pd.DataFrame({name: [rows[i].get(name) for i in open_rows] for name in columns})
         verdicts = still_eligible(conn, config, frame)
         for i, verdict in zip(open_rows, verdicts.tolist(), strict=True):
             if verdict is not None and not (isinstance(verdict, float) and verdict != verdict):

@@ -18,8 +18,10 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
+from include.bounces.codes import is_hard_bounce_reply
 from include.database.sql import driver_sql
 from include.delivery.state import STOP, Result, RunState
+from include.suppressions.store import EVERY_CAMPAIGN, Suppression, add
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +81,16 @@ class Recorder:
     def _commit(self, items: list[Result]) -> None:
         """Record ``items`` in one transaction, then free their window slots."""
         changes = {} if self.database_down else self._changes(items)
-        recorded = self._write(changes, len(items)) if changes else {}
+        hard_bounces = [] if self.database_down else _hard_bounces(items)
+        recorded = self._write(changes, len(items), hard_bounces) if changes else {}
         for item in items:
             if item.done is not None:
                 item.done.release()
         state = self.state
         with state.lock:
             state.outstanding -= len(items)
+            if recorded:
+                state.counts["hard_bounced"] += len(hard_bounces)
             for outcome, rows in recorded.items():
                 state.counts[_COUNTED[outcome]] += rows
                 # another run took the claim over (lease expired): its row is left alone
@@ -111,15 +116,19 @@ class Recorder:
         changes = {"sent": sent, "failed": closed, "retry": retry, "release": release}
         return {outcome: params for outcome, params in changes.items() if params}
 
-    def _write(self, changes: dict[str, list[dict[str, Any]]], count: int) -> dict[str, int]:
+    def _write(
+        self, changes: dict[str, list[dict[str, Any]]], count: int, hard_bounces: list[Suppression]
+    ) -> dict[str, int]:
         """One transaction, retried on a new connection; the rows each outcome changed (a row no
         longer claimed by this run is not); {} (and the run stopped) when the database does not
-        come back: nothing else may be sent before it does."""
+        come back: nothing else may be sent before it does. ``hard_bounces`` are suppressed in
+        the same transaction as their failure."""
         for attempt in itertools.count():
             try:
                 if self.conn is None:  # kept for the run: a checkout pings the database
                     self.conn = self.engine.connect()
                 with self.conn.begin():
+                    add(self.conn, hard_bounces)
                     return {
                         outcome: self.conn.exec_driver_sql(self.sql[outcome], params).rowcount
                         for outcome, params in changes.items()
@@ -142,3 +151,13 @@ class Recorder:
             except Exception:  # noqa: BLE001 - it is being dropped anyway
                 pass
             self.conn = None
+
+
+def _hard_bounces(items: list[Result]) -> list[Suppression]:
+    """A 5xx saying the address is bad (5.1.1...): its address suppressed for every campaign, the
+    delivery id as the source (:mod:`include.bounces.codes`)."""
+    return [
+        Suppression(item.job.rendered.envelope_to, "hard_bounce", EVERY_CAMPAIGN, item.job.delivery_id)
+        for item in items
+        if item.outcome == "failed" and is_hard_bounce_reply(item.reply)
+    ]

@@ -20,8 +20,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import ipaddress
 import os
-import random
 import re
 import time
 from collections.abc import Mapping
@@ -37,18 +37,17 @@ from urllib.parse import quote
 
 import jinja2
 
+from include.bounces.verp import bounce_address_for, bounce_address_template
 from include.errors import ConfigError, InvalidEmailError, TemplateRenderError
+from include.suppressions.addresses import ATEXT as _ATEXT
+from include.suppressions.addresses import LOCAL_PART as _LOCAL_PART
+from include.suppressions.addresses import normalize_email
+from include.suppressions.unsubscribe import DEFAULT_URL as DEFAULT_UNSUBSCRIBE_URL
+from include.suppressions.unsubscribe import URL_ENV as UNSUBSCRIBE_URL_ENV
 
-DEFAULT_UNSUBSCRIBE_URL = "https://example.com/unsubscribe?d={delivery_id}"
-UNSUBSCRIBE_URL_ENV = "TRIGGERS_UNSUBSCRIBE_URL"
 UNSUBSCRIBE_MAILTO_ENV = "TRIGGERS_UNSUBSCRIBE_MAILTO"
 PARTS = ("subject", "txt", "html")
 
-_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
-_LOCAL_PART = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*")
-_DOMAIN = re.compile(
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+(?:[A-Za-z]{2,63}|xn--[A-Za-z0-9-]{1,59})"
-)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _PLAIN_PHRASE = re.compile(rf"[{_ATEXT} ]*")
 _LOCALE = re.compile(r"([A-Za-z]{2,3})(?:[_-]([A-Za-z0-9]{2,8}))?")
@@ -71,28 +70,6 @@ class RenderedEmail:
     envelope_to: str
     data: bytes
     message_id: str
-
-
-def normalize_email(value: Any) -> str:
-    """``value`` as one plain ``local@domain`` address (IDN domain in ``xn--`` form), else InvalidEmailError.
-
-    Quoted local parts, comments, display names, lists, spaces and control characters are all
-    refused: an address that needs any of them is not worth the risk of a misparsed recipient.
-    """
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidEmailError("empty email address")
-    address = value.strip()
-    local, at, domain = address.rpartition("@")
-    if not at or len(address) > 254 or len(local) > 64 or not _LOCAL_PART.fullmatch(local):
-        raise InvalidEmailError(f"not a single valid email address: {address[:80]!r}")
-    if not domain.isascii():
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
-            raise InvalidEmailError(f"not a valid domain: {domain[:80]!r}") from None
-    if len(domain) > 253 or not _DOMAIN.fullmatch(domain):
-        raise InvalidEmailError(f"not a single valid email address: {address[:80]!r}")
-    return f"{local}@{domain.lower()}"
 
 
 def clean_header_text(value: Any) -> str:
@@ -162,16 +139,44 @@ def message_id_for(delivery_id: str, domain: str) -> str:
 
 
 def unsubscribe_url_for(
-    delivery_id: str, campaign_id: str, recipient_id: str | None = None, template: str | None = None
+    delivery_id: str,
+    campaign_id: str,
+    recipient_id: str | None = None,
+    template: str | None = None,
+    token: str = "",
 ) -> str:
-    """The one-click unsubscribe URL: ``TRIGGERS_UNSUBSCRIBE_URL`` with ``{delivery_id}``,
-    ``{campaign_id}`` and ``{recipient_id}`` filled in, URL-quoted."""
+    """The one-click unsubscribe URL: ``TRIGGERS_UNSUBSCRIBE_URL`` with ``{token}`` (the signed
+    token of :mod:`include.suppressions.unsubscribe`; without it the link unsubscribes no one) and
+    ``{delivery_id}``, ``{campaign_id}``, ``{recipient_id}`` filled in, URL-quoted."""
     template = template or os.environ.get(UNSUBSCRIBE_URL_ENV) or DEFAULT_UNSUBSCRIBE_URL
     return template.format(
+        token=_url_part(token),
         delivery_id=_url_part(delivery_id),
         campaign_id=_url_part(campaign_id),
         recipient_id=_url_part(recipient_id or ""),
     )
+
+
+def check_unsubscribe_url_is_set(unsubscribe_url: str, relay_host: str) -> None:
+    """Refuse the placeholder ``DEFAULT_UNSUBSCRIBE_URL`` unless the relay is on this machine (a
+    test or a demo): real recipients would get a link that unsubscribes no one."""
+    if unsubscribe_url != DEFAULT_UNSUBSCRIBE_URL or _on_loopback(relay_host):
+        return
+    raise ConfigError(
+        f"{UNSUBSCRIBE_URL_ENV} is not set: the emails would carry the placeholder {DEFAULT_UNSUBSCRIBE_URL}; "
+        "set it to the public URL of the unsubscribe endpoint with {token} (e.g. "
+        "https://airflow.example.com/triggers/unsubscribe/{token}, or where `cli unsubscribe serve` runs)"
+    )
+
+
+def _on_loopback(host: str) -> bool:
+    name = (host or "").strip().strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def check_delivery_settings(
@@ -183,12 +188,17 @@ def check_delivery_settings(
     """Refuse, before anything is claimed, a setting that every message uses: else each delivery
     would fail one by one for the same reason. :class:`ConfigError` names the setting."""
     try:
-        sample = unsubscribe_url_for("d1", "c1", "r1", unsubscribe_url)
+        sample = unsubscribe_url_for("d1", "c1", "r1", unsubscribe_url, token="t1")
     except (KeyError, IndexError, ValueError) as error:
         raise ConfigError(
-            f"{UNSUBSCRIBE_URL_ENV} {unsubscribe_url[:100]!r}: only {{delivery_id}}, {{campaign_id}} and "
-            f"{{recipient_id}} may appear in braces ({type(error).__name__}: {error})"
+            f"{UNSUBSCRIBE_URL_ENV} {unsubscribe_url[:100]!r}: only {{token}}, {{delivery_id}}, {{campaign_id}} "
+            f"and {{recipient_id}} may appear in braces ({type(error).__name__}: {error})"
         ) from None
+    if "{token}" not in unsubscribe_url:
+        raise ConfigError(
+            f"{UNSUBSCRIBE_URL_ENV} {unsubscribe_url[:100]!r} has no {{token}}: the link would unsubscribe "
+            "no one; put {token} in its path or query, e.g. https://shop.example/unsubscribe/{token}"
+        )
     if _URL_FORBIDDEN.search(sample) or not sample.lower().startswith(("https://", "http://")):
         raise ConfigError(
             f"{UNSUBSCRIBE_URL_ENV} {unsubscribe_url[:100]!r} must be an http(s) URL without spaces, "
@@ -228,10 +238,11 @@ def _quoted_printable(text: str) -> bytes:
     return binascii.b2a_qp(body.encode("utf-8"), istext=True).replace(b"\n", b"\r\n")
 
 
-def _multipart_alternative(headers: str, text: str, html: str) -> bytes:
+def _multipart_alternative(headers: str, text: str, html: str, message_id: str) -> bytes:
     """The message: ``headers`` (CRLF-ended lines), then the text and HTML parts."""
-    # "=_" cannot occur in quoted-printable text, so the boundary need not be secret (urandom costs ~50 µs)
-    boundary = f"=_{random.getrandbits(96):024x}"
+    # "=_" cannot occur in quoted-printable text, so the boundary need not be secret or random: one
+    # per Message-ID makes a message the same bytes every time it is rendered (a preview, a retry)
+    boundary = f"=_{hashlib.sha1(message_id.encode('utf-8')).hexdigest()[:24]}"
     head = (
         f"{headers}"
         "MIME-Version: 1.0\r\n"
@@ -273,6 +284,7 @@ class Renderer:
         self.unsubscribe_mailto = (
             unsubscribe_mailto if unsubscribe_mailto is not None else os.environ.get(UNSUBSCRIBE_MAILTO_ENV)
         )
+        self.bounce_address = bounce_address_template()  # VERP: the envelope sender names the delivery
         self._sets: dict[tuple[str, str | None], tuple[jinja2.Template, ...]] = {}
         self._senders: dict[str, tuple[str, str, str]] = {}
         self._globals: dict[
@@ -371,8 +383,11 @@ class Renderer:
             "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
             f"X-Campaign-Id: {clean_header_text(campaign.id)}\r\n"
         )
-        data = _multipart_alternative(headers, text, html)
-        return RenderedEmail(from_address, to_address, data, message_id)
+        data = _multipart_alternative(headers, text, html, message_id)
+        envelope_from = from_address
+        if self.bounce_address:
+            envelope_from = bounce_address_for(self.bounce_address, delivery_id)
+        return RenderedEmail(envelope_from, to_address, data, message_id)
 
     def _render_set(self, template: str, locale: str | None, context: dict[str, Any]) -> tuple[str, str, str]:
         """The subject, text and HTML of the set ``template`` in ``locale``."""

@@ -20,6 +20,7 @@ from include.delivery.render import RenderedEmail, Renderer, event_context, unsu
 from include.errors import InvalidEmailError, TemplateRenderError
 from include.runtime import spawn_pool
 from include.staging.parser import dimension_values
+from include.suppressions.unsubscribe import make_token
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,12 @@ class RowRenderer:
         unsubscribe_mailto: str | None,
         unsubscribe_url: str,
         campaigns: Mapping[str, CampaignSpec],
+        unsubscribe_secret: bytes | None = None,
     ) -> None:
         self.renderer = Renderer(templates_dir, unsubscribe_mailto=unsubscribe_mailto)
         self.unsubscribe_url = unsubscribe_url
         self.campaigns = campaigns
+        self.unsubscribe_secret = unsubscribe_secret  # None: links without a token (tests of rendering)
 
     def render_rows(self, rows: list[Row]) -> list[Rendered]:
         out: list[Rendered] = []
@@ -81,8 +84,13 @@ class RowRenderer:
             except (ValueError, TypeError, AttributeError):
                 dimensions = {}
         event = event_context(row["e_trigger_id"], row["event_time"], dimensions)
+        token = (
+            make_token(self.unsubscribe_secret, row["delivery_id"], row["email"], row["campaign_id"])
+            if self.unsubscribe_secret is not None
+            else ""
+        )
         url = unsubscribe_url_for(
-            row["delivery_id"], row["campaign_id"], row["recipient_id"], self.unsubscribe_url
+            row["delivery_id"], row["campaign_id"], row["recipient_id"], self.unsubscribe_url, token
         )
         return self.renderer.render_bytes(campaign, recipient, event, row["delivery_id"], url)
 
@@ -116,10 +124,13 @@ class BatchRenderer:
         unsubscribe_url: str,
         campaigns: Mapping[str, CampaignSpec],
         processes: int,
+        unsubscribe_secret: bytes | None = None,
     ) -> None:
         self.templates_dir = Path(templates_dir)
         self.campaigns = campaigns
-        self.row_renderer = RowRenderer(self.templates_dir, None, unsubscribe_url, campaigns)
+        self.row_renderer = RowRenderer(
+            self.templates_dir, None, unsubscribe_url, campaigns, unsubscribe_secret
+        )
         self.processes = processes
         self.pool: ProcessPoolExecutor | None = None
 
@@ -145,6 +156,7 @@ class BatchRenderer:
                         renderer.renderer.unsubscribe_mailto,
                         renderer.unsubscribe_url,
                         self.campaigns,
+                        renderer.unsubscribe_secret,
                     ),
                 )
             # e.g. a daemonic process may not have children

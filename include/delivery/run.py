@@ -32,8 +32,10 @@ import threading
 
 from sqlalchemy import Engine
 
+from include.bounces.verp import bounce_address_template
 from include.config import TriggersConfig
 from include.delivery.claims import Producer
+from include.delivery.controls import report_waiting
 from include.delivery.options import DeliveryOptions
 from include.delivery.ratelimit import RateLimiter
 from include.delivery.recorder import Recorder
@@ -43,6 +45,7 @@ from include.delivery.render import (
     UNSUBSCRIBE_MAILTO_ENV,
     UNSUBSCRIBE_URL_ENV,
     check_delivery_settings,
+    check_unsubscribe_url_is_set,
     normalize_email,
 )
 from include.delivery.render_pool import BatchRenderer, CampaignSpec, default_render_processes
@@ -50,10 +53,25 @@ from include.delivery.sender import Sender
 from include.delivery.smtp import SmtpSession, SmtpSettings
 from include.delivery.state import STOP, RunState
 from include.errors import SmtpUnavailableError
+from include.suppressions.unsubscribe import unsubscribe_secret
 
 log = logging.getLogger(__name__)
 
 SWITCH_INTERVAL = 0.0001  # GIL hand-over while sending: a thread whose reply arrived waits less
+
+
+def delivery_renderer(
+    engine: Engine,
+    config: TriggersConfig,
+    templates_dir: str | os.PathLike[str],
+    unsubscribe_url: str | None = None,
+    processes: int = 0,
+) -> BatchRenderer:
+    """What delivery renders rows with: the campaigns, the unsubscribe URL and its token secret.
+    The previews (preview, send-test, dry run) render with it too: they show what would be sent."""
+    campaigns = {c.id: CampaignSpec(c.id, c.template, c.sender) for c in config.campaigns}
+    url = unsubscribe_url or os.environ.get(UNSUBSCRIBE_URL_ENV) or DEFAULT_UNSUBSCRIBE_URL
+    return BatchRenderer(templates_dir, url, campaigns, processes, unsubscribe_secret(engine))
 
 
 def deliver_pending(
@@ -64,12 +82,12 @@ def deliver_pending(
 
     Returns the counts (sent, failed, retried, suppressed_<reason>, render_failed,
     requeued_interrupted, taken_over, ...). Raises :class:`ConfigError` for a setting every
-    message uses (unsubscribe URL or mailto, a sender address), before claiming anything;
+    message uses (unsubscribe URL or mailto, a sender address; the placeholder unsubscribe URL
+    with a relay not on loopback), before claiming anything;
     :class:`SmtpUnavailableError` when no connection to the relay could be made, and
     :class:`RelayRefusedError` (with the relay's reply) when it refuses every message, after
     giving the unsent rows back.
     """
-    campaigns = {c.id: CampaignSpec(c.id, c.template, c.sender) for c in config.campaigns}
     unsubscribe_url = (
         options.unsubscribe_url or os.environ.get(UNSUBSCRIBE_URL_ENV) or DEFAULT_UNSUBSCRIBE_URL
     )
@@ -82,8 +100,11 @@ def deliver_pending(
         {c.id: c.sender for c in config.campaigns},
         smtp.from_email,
     )
-    renderer = BatchRenderer(options.templates_dir, unsubscribe_url, campaigns, processes)
-    envelope_from = normalize_email(smtp.from_email) if smtp.from_email else None
+    check_unsubscribe_url_is_set(unsubscribe_url, smtp.host)
+    renderer = delivery_renderer(engine, config, options.templates_dir, unsubscribe_url, processes)
+    # TRIGGERS_BOUNCE_ADDRESS (VERP), checked here before anything is claimed, wins over from_email
+    verp = bounce_address_template() is not None
+    envelope_from = normalize_email(smtp.from_email) if smtp.from_email and not verp else None
     with registered_run(options.worker_id) as run_token:
         state = RunState(options, run_token)
         _coordinate(
@@ -94,6 +115,7 @@ def deliver_pending(
             [SmtpSession(smtp, envelope_from, state.count) for _ in range(options.connections)],
         )
     counts = {k: v for k, v in sorted(state.counts.items()) if v}
+    counts.update(report_waiting(engine, config))  # switched-off and removed campaigns' emails wait
     log.info("delivery %s: %s", options.worker_id, counts)
     if state.fatal:
         error = state.fatal[0]

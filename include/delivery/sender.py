@@ -9,7 +9,13 @@ checked when the job is taken and again right before its body goes (a reconnect 
 
 A refusal of the relay as a whole (:func:`~include.delivery.smtp.relay_wide`, or the same 5xx
 reply to ``max_same_refusals`` messages in a row) stops the run with :class:`RelayRefusedError`;
-that message and every other claimed one go back to ``pending`` uncounted.
+that message and every other claimed one go back to ``pending`` uncounted. The refusals of a
+streak are held, not recorded, until it breaks or the run ends: if it reaches
+``max_same_refusals`` they go back to ``pending`` too, so a relay refusing everything never leaves
+``failed`` rows behind. A held refusal frees its window slot at once (the relay did not accept
+that message) and is no result the producer waits for (it is never a retry). A refusal saying
+the address is bad (5.1.1 and kin, :mod:`include.bounces.codes`) is about that message alone: it
+is never part of a streak (a big provider answers every unknown address with the same text).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import queue
 import threading
 import time
 
+from include.bounces.codes import is_hard_bounce_reply
 from include.delivery.ratelimit import RateLimiter
 from include.delivery.smtp import SmtpSession
 from include.delivery.state import STOP, Job, Result, RunState
@@ -37,19 +44,19 @@ class Sender:
         self.index = index
         self.max_claim_age = state.options.lease / 2  # another run may requeue an older claim soon
         self.max_same_refusals = state.options.max_same_refusals
-        self.last_refusal = ""
-        self.same_refusals = 0
+        self.streak: list[Result] = []  # the refusals of the current streak, same reply, held
 
     def run(self) -> None:
-        state, work, session = self.state, self.state.work, self.session
+        state, session = self.state, self.session
         window = threading.Semaphore(state.options.window)
         held: Job | None = None  # taken ahead, its window slot acquired: it goes next
         opened = False  # held's MAIL, RCPT and DATA went behind the previous body
         try:
             while True:
                 if held is None:
-                    job = work.get()
+                    job = self.state.work.get()
                     if job is STOP:
+                        self._end_streak()
                         return
                     if not self._sendable(job):
                         continue
@@ -66,14 +73,13 @@ class Sender:
                         expires=time.monotonic() + self.max_claim_age - (state.clock() - job.claimed_at),
                     )
                 except SmtpUnavailableError as error:
+                    self._end_streak()
                     self._give_up(error, job, following, window)
                     return
-                if sent.outcome == "sent":
-                    self.same_refusals = 0
-                elif self._relay_refuses(sent.outcome, sent.reply):
+                result = Result(job, sent.outcome, sent.reply, time.time(), window)
+                if sent.outcome == "relay" or self._refusal_streak(result):
                     self._stop_run(sent.reply, job, following, window)
                     return
-                state.record(Result(job, sent.outcome, sent.reply, time.time(), window))
                 held, opened = following, sent.following_sent
         finally:
             session.close()
@@ -86,15 +92,35 @@ class Sender:
             return False
         return True
 
-    def _relay_refuses(self, outcome: str, reply: str) -> bool:
-        """A relay-wide refusal, or the same 5xx reply to max_same_refusals messages in a row."""
-        if outcome == "relay":
-            return True
-        if outcome != "failed" or reply != self.last_refusal:
-            self.last_refusal, self.same_refusals = reply if outcome == "failed" else "", 0
-        if outcome == "failed":
-            self.same_refusals += 1
-        return 0 < self.max_same_refusals <= self.same_refusals
+    def _refusal_streak(self, result: Result) -> bool:
+        """Record ``result``, or hold it if it continues a streak of the same 5xx reply; True when
+        the streak reaches max_same_refusals (the relay refuses every message)."""
+        if result.outcome == "failed" and is_hard_bounce_reply(result.reply):
+            self.state.record(result)  # the address is bad (5.1.1...): about this message alone
+            return False
+        if self.streak and (result.outcome != "failed" or result.reply != self.streak[0].reply):
+            self._end_streak()
+        if result.outcome != "failed" or self.max_same_refusals <= 0:
+            self.state.record(result)
+            return False
+        if result.done is not None:
+            result.done.release()
+            result.done = None
+        with self.state.lock:  # a held refusal is no result the producer waits for: never a retry
+            self.state.outstanding -= 1
+        self.streak.append(result)
+        return len(self.streak) >= self.max_same_refusals
+
+    def _take_streak(self) -> list[Result]:
+        streak, self.streak = self.streak, []
+        with self.state.lock:
+            self.state.outstanding += len(streak)
+        return streak
+
+    def _end_streak(self) -> None:
+        """The held refusals were about their own messages after all: record them."""
+        for refused in self._take_streak():
+            self.state.record(refused)
 
     def _stop_run(self, reply: str, job: Job, following: Job | None, window: threading.Semaphore) -> None:
         """Stop every connection; the unsent claims go back to pending, uncounted."""
@@ -106,8 +132,11 @@ class Sender:
                 "sending permissions, then run again"
             )
         )
+        streak = self._take_streak()
+        for refused in streak:  # their window slots are free already
+            self.state.release(refused.job)
         for unsent in (job, following):
-            if unsent is not None:
+            if unsent is not None and all(refused.job is not unsent for refused in streak):
                 self.state.release(unsent, window)
 
     def _following(self, window: threading.Semaphore) -> Job | None:

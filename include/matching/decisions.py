@@ -1,8 +1,10 @@
 """A candidate's fate, steps 4 to 6 of a decision (SPEC sections 5, 7): pure pandas.
 
-4. audience: ``missing_identity``, ``unknown_recipient``, ``opted_out``, ``no_email``,
-   ``invalid_email``; the PERSON is the recipient found, so one person reached through a shopper
-   id and through an mcId is one person everywhere below;
+4. audience: ``missing_identity``, ``unknown_recipient``, ``opted_out``, the reason of a
+   suppression of the address (``unsubscribed``, ``hard_bounce``, ``complaint``, ``manual``:
+   for every campaign or this one, SPEC section 9), ``no_email``, ``invalid_email``; the PERSON
+   is the recipient found, so one person reached through a shopper id and through an mcId is
+   one person everywhere below;
 5. ``unless``: ``cancelled_by:<trigger>`` when the same person fired the cancelling trigger at a
    time in ``[t, t + within]`` (both edges inclusive), among all staged events whatever their
    status; with ``match_on`` the two events must share a value of that dimension;
@@ -18,7 +20,7 @@ The first reason in that order wins.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +29,10 @@ import pandas as pd
 from include.config import TriggersConfig
 from include.matching.rules import Rule, compile_rules, expand_candidates, identity_sources, person_columns
 from include.matching.values import each, empty_frame, exploded, last_value, objects, text_column
+from include.suppressions.store import suppressed_reason
+
+# the suppressions of some addresses: (address key, campaign_id) -> reason (store.reasons_for)
+SuppressionLookup = Callable[[Iterable[str]], Mapping[tuple[str, str], str]]
 
 HISTORY_COLUMNS = ["recipient_id", "campaign_id", "event_time", "event_id"]  # live decisions, for dedupe
 
@@ -121,14 +127,34 @@ def attach_recipients(
     return result
 
 
+def attach_suppressions(candidates: pd.DataFrame, lookup: SuppressionLookup) -> None:
+    """Add ``suppression``: the reason the candidate's address may not receive its campaign, else
+    None. ``lookup`` is called once, with the addresses of the recipients found."""
+    found_rows = candidates["recipient_id"].notna().to_numpy(dtype=bool)
+    emails = candidates["email"].to_numpy(dtype=object)
+    found = lookup(e for e in emails[found_rows].tolist() if isinstance(e, str)) if found_rows.any() else {}
+    values = np.full(len(candidates), None, dtype=object)
+    if found:
+        campaigns = candidates["campaign_id"].to_numpy(dtype=object)
+        for row in np.flatnonzero(found_rows).tolist():
+            if isinstance(emails[row], str):
+                values[row] = suppressed_reason(found, emails[row], campaigns[row])
+    candidates["suppression"] = objects(values, candidates.index)
+
+
 def audience_reasons(candidates: pd.DataFrame) -> pd.Series:
-    """Why the audience rules out each candidate (None: it does not)."""
+    """Why the audience rules out each candidate (None: it does not); a ``suppression`` column
+    (:func:`attach_suppressions`) is a reason too, after ``opted_out``."""
     from include.audience.load import email_is_valid
 
     email = text_column(candidates["email"])
     reasons = np.full(len(candidates), None, dtype=object)
     reasons[~email_is_valid(email).to_numpy(dtype=bool)] = "invalid_email"
     reasons[~np.array(each(str.strip, email), dtype=bool)] = "no_email"
+    if "suppression" in candidates:
+        suppression = candidates["suppression"].to_numpy(dtype=object)
+        suppressed = ~pd.isna(suppression)
+        reasons[suppressed] = suppression[suppressed]
     reasons[candidates["opted_out"].fillna(False).to_numpy(dtype=bool)] = "opted_out"
     reasons[pd.isna(candidates["recipient_id"]).to_numpy()] = "unknown_recipient"
     reasons[(text_column(candidates["identity"]) == "").to_numpy(dtype=bool)] = "missing_identity"
@@ -364,10 +390,13 @@ def screen(
     recipients: pd.DataFrame | Audience,
     cancelling: pd.DataFrame,
     rules: Sequence[Rule],
+    suppressions: SuppressionLookup | None = None,
 ) -> pd.DataFrame:
     """The candidates of a batch (``expand_candidates``) with their recipient and the audience
-    and ``unless`` reasons."""
+    (and suppression, given ``suppressions``) and ``unless`` reasons."""
     candidates = attach_recipients(candidates, recipients, rules)
+    if suppressions is not None:
+        attach_suppressions(candidates, suppressions)
     reasons = audience_reasons(candidates)
     open_rows = reasons.isna().to_numpy()
     reasons[open_rows] = cancellations(candidates[open_rows], cancelling, rules).to_numpy()

@@ -21,11 +21,19 @@ from sqlalchemy import Connection, text
 from include.config import TriggersConfig, dimension_column
 from include.database.sql import driver_sql, in_list, list_param, row_address
 from include.matching.decisions import HISTORY_COLUMNS, Audience, no_history
-from include.matching.rules import MC_ID, Rule, hold_of, identity_sources, latest_ready_time, person_columns
+from include.matching.rules import (
+    MC_ID,
+    Rule,
+    hold_of,
+    identity_sources,
+    latest_ready_time,
+    person_columns,
+    switched_off,
+)
 from include.matching.values import empty_frame, objects
 from include.staging.parser import IMPORTED_POSITION
 
-LIVE_STATUSES = ("pending", "sending", "sent")
+LIVE_STATUSES = ("pending", "sending", "sent", "bounced")  # bounced: it was sent all the same
 STAGED_STATUSES = ("new", "matched", "unmatched")  # events that can cancel (not quarantined/ignored)
 
 
@@ -84,6 +92,8 @@ def advance_frontier(
     its hold ends, unless an event of it was staged since the run read the frontier (its version
     moved: that event may be older and unseen)."""
     for row in frontier:
+        if switched_off(rules, row.trigger_id):  # its events were not read: they wait
+            continue
         low = latest_ready_time(now, hold_of(rules, row.trigger_id))
         if low > row.low_time:
             conn.execute(
@@ -159,6 +169,8 @@ def _ready_arms(
     """One SELECT per trigger of the frontier, its parameters added to ``params``."""
     arms = []
     for number, row in enumerate(selection.frontier):
+        if switched_off(selection.rules, row.trigger_id):  # its campaigns are all switched off
+            continue
         hold = hold_of(selection.rules, row.trigger_id)
         params[f"t{number}"], params[f"until{number}"] = (
             row.trigger_id,

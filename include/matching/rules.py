@@ -91,6 +91,14 @@ def hold_of(rules: Sequence[Rule], trigger_id: str) -> float:
     return per_trigger.get(trigger_id, default)
 
 
+def switched_off(rules: Sequence[Rule], trigger_id: str) -> bool:
+    """Whether the trigger feeds campaigns and every one of them has ``enabled: false``: its events
+    then wait undecided. A trigger that also feeds an enabled campaign is decided for all of them
+    (the switched-off campaign's emails wait at delivery)."""
+    feeding = [rule for rule in rules if rule.trigger_ids is None or trigger_id in rule.trigger_ids]
+    return bool(feeding) and not any(rule.campaign.enabled for rule in feeding)
+
+
 def latest_ready_time(now: float, hold: float) -> float:
     """The largest time t with ``t + hold <= now`` in floating point, as both databases add: a
     plain bound on the indexed column instead of an expression (exact at the window's end)."""

@@ -35,6 +35,7 @@ from include.matching.reading import (
 from include.matching.rules import Rule, compile_rules, expand_candidates, limit_window
 from include.matching.writer import BatchWriter
 from include.runtime import collector_paused
+from include.suppressions.store import reasons_for
 
 FIRST_BATCH_EVENTS = 50_000
 
@@ -92,7 +93,7 @@ def decide_batch(conn: Connection, context: BatchContext, events: pd.DataFrame) 
     start, end = float(times.min()), float(times.max())
     max_hold = max([rule.hold for rule in rules], default=0.0)
     cancelling = read_cancelling(conn, config, rules, start, end + max_hold)
-    screened = screen(candidates, audience, cancelling, rules)
+    screened = screen(candidates, audience, cancelling, rules, lambda emails: reasons_for(conn, emails))
     window = limit_window(config, rules)
     history = no_history()
     if window:

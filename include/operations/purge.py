@@ -7,7 +7,7 @@
 * **Deliveries** are the dedupe and frequency-cap memory, so they are kept for
   ``pipeline.delivery_retention`` (default 90 days) and never for less than the longest
   ``dedupe`` or ``limits.per_recipient.per`` window. Only finished ones (``sent``,
-  ``failed``, ``suppressed``) are deleted; ``pending`` and ``sending`` stay.
+  ``failed``, ``suppressed``, ``bounced``) are deleted; ``pending`` and ``sending`` stay.
 * **Run records** (``pipeline_runs``) are kept as long as deliveries.
 
 Deletes go in bounded batches, one transaction each, so a large purge never holds long locks
@@ -30,7 +30,7 @@ from include.database.schema import deliveries, events_table, pipeline_runs
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 10_000
-FINISHED_DELIVERY_STATUSES = ("sent", "failed", "suppressed")
+FINISHED_DELIVERY_STATUSES = ("sent", "failed", "suppressed", "bounced")
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,11 @@ from sqlalchemy import Connection, Engine, Integer, case, cast, func, inspect, s
 from include.adobe.auth import without_credentials
 from include.database.schema import deliveries, events_table, pipeline_runs, pipeline_state
 from include.operations.report import waiting_events
+from include.suppressions.store import counts_by_reason
 
 EVENT_STATUSES = ("new", "matched", "unmatched", "ignored", "quarantined")
 PROCESSED_STATUSES = ("matched", "unmatched")
-DELIVERY_STATUSES = ("pending", "sending", "sent", "failed", "suppressed")
+DELIVERY_STATUSES = ("pending", "sending", "sent", "failed", "suppressed", "bounced")
 PROCESSING_WINDOW = 24 * 3600.0  # the average processing time is over the last day's events
 RECENT_RUNS = 10
 HOUR = 3600
@@ -58,6 +59,7 @@ def pipeline_status(
         )
         emails = _emails(conn) if "deliveries" in tables else _emails_empty()
         runs = _recent_runs(conn, recent_runs) if "pipeline_runs" in tables else []
+        suppressed = counts_by_reason(conn) if "suppressions" in tables else {}
     by_status = window["by_status"]
     return {
         "consumer": consumer,
@@ -81,6 +83,7 @@ def pipeline_status(
             "by_status": by_status,
         },
         "emails": emails,
+        "suppressions": {"total": sum(suppressed.values()), "by_reason": suppressed},
         "waiting": waiting,
         "lag_seconds": None if oldest_waiting is None else max(0.0, now - oldest_waiting),
         "avg_processing_seconds": window["avg_processing_seconds"],
@@ -184,8 +187,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from include.delivery.controls import waiting_by_campaign
     from include.resources import open_resources
 
     with open_resources() as res:
-        print(json.dumps(pipeline_status(res.engine, res.config.pipeline.consumer, days=args.days), indent=2))
+        status = pipeline_status(res.engine, res.config.pipeline.consumer, days=args.days)
+        with res.engine.connect() as conn:  # each campaign's state; removed ones with pending emails too
+            status["campaigns"] = waiting_by_campaign(conn, res.config)
+        print(json.dumps(status, indent=2))
     return 0
