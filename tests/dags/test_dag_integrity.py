@@ -30,7 +30,7 @@ def dag_bag(tmp_path_factory):
 
 def test_no_import_errors(dag_bag):
     assert dag_bag.import_errors == {}
-    assert {"triggers_pipeline", "triggers_purge"} <= set(dag_bag.dag_ids)
+    assert {"triggers_pipeline", "triggers_purge", "triggers_feedback"} <= set(dag_bag.dag_ids)
 
 
 # the journal client retries for retry_validity and the next run drains again: no Airflow retries
@@ -89,3 +89,22 @@ def test_a_bad_timeout_setting_is_named(monkeypatch):
     monkeypatch.setenv("TRIGGERS_MATCH_TIMEOUT", "ten minutes")
     with pytest.raises(ValueError, match="TRIGGERS_MATCH_TIMEOUT is 'ten minutes'"):
         runpy.run_path(str(ROOT / "dags" / "triggers_pipeline.py"))
+
+
+def test_the_feedback_dag_reads_the_mailbox_one_run_at_a_time_on_its_own_schedule(dag_bag, monkeypatch):
+    dag = dag_bag.dags["triggers_feedback"]
+    assert dag.max_active_runs == 1 and dag.catchup is False
+    assert [t.task_id for t in dag.tasks] == ["read_bounce_mailbox"]
+    assert dag.timetable.expression == os.environ.get("TRIGGERS_FEEDBACK_SCHEDULE", "*/5 * * * *")
+    assert dag.get_task("read_bounce_mailbox").execution_timeout.total_seconds() == 600
+
+    import runpy
+
+    monkeypatch.setenv("TRIGGERS_FEEDBACK_SCHEDULE", "*/2 * * * *")
+    monkeypatch.setenv("TRIGGERS_FEEDBACK_TIMEOUT", "90")
+    reloaded = runpy.run_path(str(ROOT / "dags" / "triggers_feedback.py"))["feedback_dag"]
+    assert reloaded.timetable.expression == "*/2 * * * *"
+    assert reloaded.get_task("read_bounce_mailbox").execution_timeout.total_seconds() == 90
+    monkeypatch.setenv("TRIGGERS_FEEDBACK_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="TRIGGERS_FEEDBACK_TIMEOUT is 'soon'"):
+        runpy.run_path(str(ROOT / "dags" / "triggers_feedback.py"))

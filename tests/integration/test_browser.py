@@ -221,6 +221,7 @@ def airflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
                 "token": token,
                 "expected": expected,
                 "now": now,
+                "harness": harness,
             }
         except BaseException:
             print(harness.log_tail(5000))
@@ -390,6 +391,30 @@ def test_triggers_status_view_in_the_airflow_ui(airflow: dict[str, Any], browser
     assert "Triggers status" in nav
     browser.evaluate("new Promise(resolve => setTimeout(resolve, 500))")
     browser.screenshot(SCREENSHOTS / "airflow-triggers-status.png")
+
+
+def test_the_trigger_form_of_the_pipeline_shows_its_params(airflow: dict[str, Any], browser: Browser) -> None:
+    harness = airflow["harness"]
+    harness.cli("dags", "reserialize")  # the pipeline DAG into the metadata database (no dag-processor)
+
+    def pipeline_known() -> bool:
+        try:
+            return harness.api("/dags/triggers_pipeline").get("is_stale") is False
+        except Exception:  # 404 until it is serialized
+            return False
+
+    wait_for("triggers_pipeline in the DAG list", pipeline_known, 60, explain=harness.log_tail)
+    browser.open(f"{airflow['base']}/dags/triggers_pipeline")
+    browser.wait_for_text("document.body.innerText", "triggers_pipeline", "Trigger")
+    browser.evaluate(
+        "Array.from(document.querySelectorAll('button')).find(b => b.innerText.trim() === 'Trigger').click()"
+    )
+    text = browser.wait_for_text(
+        "document.body.innerText", "Dry run", "Max events drained", "Max messages sent", timeout=30
+    )
+    assert "Decide and render" in text  # the param's description
+    browser.evaluate("new Promise(resolve => setTimeout(resolve, 800))")
+    browser.screenshot(SCREENSHOTS / "trigger-form.png")
 
 
 def test_status_page_refuses_an_anonymous_visitor(airflow: dict[str, Any]) -> None:

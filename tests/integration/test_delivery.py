@@ -262,7 +262,7 @@ def test_a_550_is_recorded_failed_with_the_reply_and_not_retried(
     ids = seed(engine, config, [{}, {"email": "gone@example.org"}, {}])
     server.reject("gone@example.org")
     counts = deliver(engine, config, server)
-    assert counts == {"sent": 2, "failed": 1}
+    assert counts == {"sent": 2, "failed": 1, "hard_bounced": 1}  # 5.1.1: also suppressed (test_bounces_smtp)
     row = rows(engine)[ids[1]]
     assert (row.status, row.attempts, row.reason) == ("failed", 1, "smtp_rejected")
     assert row.smtp_reply.startswith("550 5.1.1")

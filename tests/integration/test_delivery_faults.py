@@ -135,7 +135,7 @@ RELAY_FAULTS = {
     "530 authentication required": None,  # a relay that needs a login, reached without one
     "5xx to MAIL FROM": ("550 5.7.1 Sender address rejected: not owned by user", "MAIL"),
     "relay denied": ("554 5.7.1 <person@example.org>: Relay access denied", "RCPT"),
-    "the same 5xx again and again": ("550 5.1.1 Mailbox unavailable", "RCPT"),
+    "the same 5xx again and again": ("554 5.6.0 Message content rejected", "DATA"),
 }
 
 
@@ -159,10 +159,21 @@ def test_a_relay_wide_refusal_gives_the_claims_back_and_fails_the_run_with_the_r
     finally:
         relay.stop()
     assert (refused[0] if refused else "530") in str(raised.value)
-    state = statuses(engine)
-    assert state == Counter({"pending": 12 - 2 * same_5xx, "failed": 2 * same_5xx})  # N-1 = 2 failed
-    assert all(r.attempts == 0 for r in rows(engine).values() if r.status == "pending")
+    assert statuses(engine) == Counter({"pending": 12})  # the streak's first refusals too
+    assert all(r.attempts == 0 for r in rows(engine).values())
     assert not relay.messages
+
+
+@pytest.mark.parametrize("emails", [12, 2], ids=["a success breaks the streak", "the last emails"])
+def test_refusals_short_of_a_streak_are_recorded_failed_after_all(
+    engine: Engine, config: TriggersConfig, server: LocalSmtpServer, emails: int
+) -> None:
+    """Held refusals are recorded once the streak breaks, or once nothing is left to send."""
+    seed(engine, config, [{} for _ in range(emails)])
+    server.fail_next(2, "554 5.6.0 Message content rejected", at="DATA")
+    deliver(engine, config, server, connections=1, max_same_refusals=3)
+    assert statuses(engine) == +Counter({"failed": 2, "sent": emails - 2})
+    assert all(r.reason == "smtp_rejected" for r in rows(engine).values() if r.status == "failed")
 
 
 def test_a_refused_login_stops_every_connection_and_gives_the_claims_back(

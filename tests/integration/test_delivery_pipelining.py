@@ -90,7 +90,7 @@ def test_a_5xx_fails_that_message_with_its_reply_and_the_others_go_on(
     else:
         server.fail_next(1, reply="554 5.7.1 Refused", at=stage)
     counts = deliver(engine, config, server)
-    assert counts == {"sent": 2, "failed": 1}
+    assert counts == {"sent": 2, "failed": 1, **({"hard_bounced": 1} if stage == "RCPT" else {})}  # 5.1.1
     state = rows(engine)
     failed = [r for r in state.values() if r.status == "failed"]
     assert [(r.reason, r.attempts) for r in failed] == [("smtp_rejected", 1)]
@@ -196,7 +196,7 @@ def test_a_data_accepted_after_the_recipient_was_refused_gets_an_empty_end_not_t
             engine, config, smtp, DeliveryOptions(templates_dir=DEFAULT_TEMPLATES_DIR, worker_id="t")
         )
         lenient.shutdown()
-    assert counts == {"failed": 1}
+    assert counts == {"failed": 1, "hard_bounced": 1}
     (row,) = rows(engine).values()
     assert (row.status, row.smtp_reply) == ("failed", "550 5.1.1 No such user")
     assert lenient.data_lines == [b".\r\n"]

@@ -159,6 +159,7 @@ def test_status_figures(engine: Engine) -> None:
         "sent": 4,
         "failed": 1,
         "suppressed": 3,
+        "bounced": 0,
         "suppressed_by_reason": {"opted_out": 2, "dedupe": 1},
     }
     assert status["avg_processing_seconds"] == pytest.approx((60 * 2 + 40 * 4) / 100)

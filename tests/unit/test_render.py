@@ -67,14 +67,14 @@ def parse(data: bytes) -> EmailMessage:
 
 
 def test_message_is_multipart_alternative_with_the_required_headers(renderer: Renderer) -> None:
-    url = unsubscribe_url_for("d-1", CAMPAIGN.id)
+    url = unsubscribe_url_for("d-1", CAMPAIGN.id, token="t.1")
     rendered = renderer.render_bytes(CAMPAIGN, recipient(), EVENT, "d-1", url)
     message = parse(rendered.data)
     assert message.get_content_type() == "multipart/alternative"
     assert [p.get_content_type() for p in message.iter_parts()] == ["text/plain", "text/html"]
     assert {k.lower() for k in message.keys()} == EXPECTED_HEADERS
     assert message["Message-ID"] == "<d-1@example.com>" == rendered.message_id
-    assert message["List-Unsubscribe"] == "<https://example.com/unsubscribe?d=d-1>"
+    assert message["List-Unsubscribe"] == "<https://example.com/unsubscribe/t.1>"
     assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     assert message["X-Campaign-Id"] == "cart_abandonment"
     assert message["To"].addresses[0].addr_spec == "camille@example.org"
