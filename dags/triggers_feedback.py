@@ -7,11 +7,14 @@ emails sent:
 * **bounces**: delivery status notifications (RFC 3464) mark the delivery `bounced` with the
   diagnostic; a status that says the address is bad (5.1.1, 5.1.2, 5.1.3, 5.1.6, 5.1.10, 5.2.1)
   also suppresses the address (`hard_bounce`) for every campaign; a delay notice is only counted;
-* **complaints**: feedback-loop reports (ARF, RFC 5965) suppress the address (`complaint`);
-* **mailto unsubscribes** (`unsubscribe-<delivery_id>` subjects) suppress it (`unsubscribed`).
+* **complaints**: feedback-loop reports (ARF, RFC 5965) that name a delivery of ours (VERP
+  address or Message-ID) suppress its address (`complaint`);
+* **mailto unsubscribes** (`unsubscribe-<token>` subjects, the link's signed token) suppress it
+  (`unsubscribed`).
 
-Handled reports move to `Triggers/Processed`; reports that cannot be read or name no delivery
-we sent move to `Triggers/Unprocessed` (put one back in the inbox to have it read again); other
+Handled reports move to `Triggers/Processed`; reports that cannot be read, name no delivery
+we sent or carry no valid token move to `Triggers/Unprocessed` (put one back in the inbox to have
+it read again); a report about an email whose send is not recorded yet waits in the inbox; other
 messages are left in place. A report read twice changes nothing. The task returns the counts.
 
 Settings: `TRIGGERS_FEEDBACK_SCHEDULE` (cron, default every 5 minutes),

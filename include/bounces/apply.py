@@ -9,17 +9,22 @@ DSN, failed    the delivery ``bounced`` (reason: status and diagnostic); its    
                that address (not one it forwards to)
 DSN, delayed   nothing (counted)                                                    ``delayed``
 DSN, other     nothing (delivered, relayed, expanded)                               ``delivered``
-ARF            the address suppressed ``complaint``; the delivery keeps ``sent``     ``complaint``
-               with reason ``complaint``
-unsubscribe    the delivery's address suppressed ``unsubscribed``                   ``unsubscribed``
+ARF            the delivery's address suppressed ``complaint``; the delivery keeps  ``complaint``
+               ``sent`` with reason ``complaint``
+unsubscribe    the address of the delivery its signed token names suppressed        ``unsubscribed``
+               ``unsubscribed`` (checked by the one-click link's ``check_token``)
 =============  ===================================================================  =============
 
 Every suppression here is for every campaign. A report is recorded in ``mailbox_reports`` (its
 ``report_id``) in the same transaction as its changes, so a report read again is a
 ``duplicate`` and changes nothing. A report we cannot act on changes nothing and is not
-recorded (it is moved aside, and may be put back once fixed): ``unparsed``, ``unknown_delivery``
-(it names no delivery we sent), ``unknown_address`` (a complaint naming neither a delivery nor
-an address of ``recipients`` or ``deliveries``). ``other`` messages are not reports.
+recorded (it is moved aside, and may be put back once fixed): ``unparsed``,
+``unknown_delivery`` (it names no delivery we sent: a complaint too must name one, by our VERP
+address or our Message-ID, since anyone can mail the bounce address a report naming any
+address), ``invalid_token`` (an unsubscribe whose token is missing, altered or expired). A
+report about a delivery still ``pending`` or ``sending`` is ``not_yet_recorded``: it changes
+nothing and stays in the inbox, to be applied by a read after the send is recorded. ``other``
+messages are not reports.
 """
 
 from __future__ import annotations
@@ -33,13 +38,18 @@ from include.bounces.codes import is_hard_status
 from include.bounces.reports import MAX_TEXT, RecipientStatus, Report
 from include.database.schema import mailbox_reports
 from include.database.sql import in_list, insert_for, list_param
+from include.errors import UnsubscribeTokenError
 from include.suppressions.store import EVERY_CAMPAIGN, Suppression, add, address_key
+from include.suppressions.unsubscribe import check_token, unsubscribe_secret
 
 PROCESSED = frozenset(
     {"hard_bounce", "bounced", "delayed", "delivered", "complaint", "unsubscribed", "duplicate"}
 )
-SET_ASIDE = frozenset({"unparsed", "unknown_delivery", "unknown_address"})
+SET_ASIDE = frozenset({"unparsed", "unknown_delivery", "invalid_token"})
 LEFT_ALONE = frozenset({"other"})
+WAITING = frozenset({"not_yet_recorded"})  # left in the inbox, unflagged: read again next time
+_SENT = ("sent", "bounced")
+_NOT_YET_RECORDED = ("pending", "sending")
 
 
 @dataclass(frozen=True)
@@ -65,24 +75,31 @@ def apply_report(engine: Engine, report: Report, now: float | None = None) -> Ap
     if report.kind == "unparsed":
         return Applied("unparsed", detail=report.problem)
     stamp = time.time() if now is None else now
+    secret = unsubscribe_secret(engine) if report.kind == "unsubscribe" else b""
     with engine.begin() as conn:
         if _already_read(conn, report.report_id):
             return Applied("duplicate", detail=report.report_id)
-        delivery = _sent_delivery(conn, report.delivery_ids)
-        if delivery is None and report.kind != "arf":
+        if report.kind == "unsubscribe":
+            try:  # the one check of the one-click link: a delivery id alone unsubscribes no one
+                found = check_token(conn, secret, report.token, stamp)
+            except UnsubscribeTokenError as error:
+                return Applied("invalid_token", detail=str(error)[:MAX_TEXT])
+            delivery: _Delivery | None = _Delivery(found.delivery_id, found.email)
+        else:
+            delivery, status = _delivery(conn, report.delivery_ids)
+            if status in _NOT_YET_RECORDED:
+                return Applied("not_yet_recorded", detail=_named(report))
+        if delivery is None:
             return Applied("unknown_delivery", detail=_named(report))
-        email = delivery.email if delivery is not None else _known_address(conn, report.addresses)
-        if email is None:
-            return Applied("unknown_address", detail=_named(report))
-        applied = _decide(report, delivery, email)
+        applied = _decide(report, delivery, delivery.email)
         if not _record(conn, report, applied, stamp):
             return Applied("duplicate", detail=report.report_id)  # another reader, just now
         _change(conn, report, applied, stamp)
     return applied
 
 
-def _decide(report: Report, delivery: _Delivery | None, email: str) -> Applied:
-    delivery_id = delivery.delivery_id if delivery is not None else None
+def _decide(report: Report, delivery: _Delivery, email: str) -> Applied:
+    delivery_id = delivery.delivery_id
     if report.kind == "arf":
         return Applied("complaint", delivery_id, email, report.feedback_type)
     if report.kind == "unsubscribe":
@@ -146,37 +163,26 @@ def _record(conn: Connection, report: Report, applied: Applied, now: float) -> b
     return conn.execute(statement.returning(mailbox_reports.c.report_id), row).first() is not None
 
 
-def _sent_delivery(conn: Connection, candidates: tuple[str, ...]) -> _Delivery | None:
-    """The first of ``candidates`` that is a delivery we sent, with its address."""
+def _delivery(conn: Connection, candidates: tuple[str, ...]) -> tuple[_Delivery | None, str | None]:
+    """The first of ``candidates`` that is a delivery we sent, with its address; else (None, the
+    status of the first still being sent, if any: its report waits for the send's record)."""
     if not candidates:
-        return None
+        return None, None
     found = conn.execute(
         text(
-            "SELECT d.delivery_id, COALESCE(d.email, r.email) FROM deliveries d "
+            "SELECT d.delivery_id, COALESCE(d.email, r.email), d.status FROM deliveries d "
             "LEFT JOIN recipients r ON r.recipient_id = d.recipient_id "
-            f"WHERE {in_list(conn, 'd.delivery_id', 'ids')} AND d.status IN ('sent', 'bounced')"
+            f"WHERE {in_list(conn, 'd.delivery_id', 'ids')}"
         ),
         {"ids": list_param(conn, candidates)},
     )
-    emails = {delivery_id: email for delivery_id, email in found if email}
-    return next((_Delivery(c, emails[c]) for c in candidates if c in emails), None)
-
-
-def _known_address(conn: Connection, addresses: tuple[str, ...]) -> str | None:
-    """The first of ``addresses`` that a recipient or a delivery has (compared as address keys)."""
-    keys = [address_key(a) for a in addresses]
-    if not keys:
-        return None
-    condition = in_list(conn, "lower(trim(email))", "keys")
-    found = conn.execute(
-        text(
-            f"SELECT lower(trim(email)) FROM recipients WHERE {condition} "
-            f"UNION SELECT lower(trim(email)) FROM deliveries WHERE {condition}"
-        ),
-        {"keys": list_param(conn, keys)},
-    )
-    known = {row[0] for row in found}
-    return next((key for key in keys if key in known), None)
+    rows = {delivery_id: (email, status) for delivery_id, email, status in found}
+    for candidate in candidates:
+        email, status = rows.get(candidate, (None, None))
+        if status in _SENT and email:
+            return _Delivery(candidate, email), status
+    waiting = [rows[c][1] for c in candidates if c in rows and rows[c][1] in _NOT_YET_RECORDED]
+    return None, waiting[0] if waiting else None
 
 
 def _named(report: Report) -> str:

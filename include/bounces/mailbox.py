@@ -8,9 +8,11 @@ then, only once that is committed:
 
 * a handled report (or one read before) is moved to ``TRIGGERS_FEEDBACK_PROCESSED_FOLDER``
   (default ``Triggers/Processed``);
-* a report we cannot act on (unparsed, no delivery we sent, an unknown address) is moved to
-  ``TRIGGERS_FEEDBACK_UNPROCESSED_FOLDER`` (default ``Triggers/Unprocessed``): put it back in the
-  inbox to have it read again;
+* a report we cannot act on (unparsed, no delivery we sent, an unsubscribe without a valid
+  token) is moved to ``TRIGGERS_FEEDBACK_UNPROCESSED_FOLDER`` (default ``Triggers/Unprocessed``):
+  put it back in the inbox to have it read again;
+* a report about a delivery whose send is not recorded yet (``pending``, ``sending``) stays in
+  the inbox as it is, counted ``waiting``: a later read applies it;
 * any other message is left where it is, unread, and given the keyword ``$TriggersIgnored``
   so that later reads skip it (where the server allows keywords; else it is counted again).
 
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
-from include.bounces.apply import LEFT_ALONE, PROCESSED, apply_report
+from include.bounces.apply import LEFT_ALONE, PROCESSED, WAITING, apply_report
 from include.bounces.reports import parse_report
 from include.bounces.verp import bounce_address_template
 from include.errors import ConfigError, MailboxUnavailableError
@@ -124,7 +126,7 @@ def read_mailbox(
 ) -> dict[str, int]:
     """Read, apply and file the messages of ``options.folder`` (at most ``options.limit``), oldest
     first; return the counts: ``read``, one per outcome (``hard_bounce``, ``complaint``...),
-    ``processed``, ``set_aside``, ``left_alone``. An IMAP failure raises
+    ``processed``, ``set_aside``, ``left_alone``, ``waiting``. An IMAP failure raises
     :class:`MailboxUnavailableError`; what was committed before it stays, and its message is read
     again (as a duplicate) next time."""
     try:
@@ -168,6 +170,8 @@ class _Reader:
             if applied.outcome in PROCESSED:
                 self.counts["processed"] += 1
                 self._move(uid, processed)
+            elif applied.outcome in WAITING:
+                self.counts["waiting"] += 1
             elif applied.outcome in LEFT_ALONE:
                 self.counts["left_alone"] += 1
                 if keywords:

@@ -8,8 +8,8 @@ Four kinds are recognised:
   ``Original-Recipient``;
 * ``arf``: a feedback-loop report (ARF, RFC 5965): ``report-type=feedback-report`` with a
   ``message/feedback-report`` part (``Feedback-Type: abuse``...);
-* ``unsubscribe``: a message whose subject is ``unsubscribe-<delivery_id>`` (the ``mailto:`` of
-  ``List-Unsubscribe``);
+* ``unsubscribe``: a message whose subject is ``unsubscribe-<token>`` (the ``mailto:`` of
+  ``List-Unsubscribe``; the token is the one-click link's signed token, checked when applied);
 * ``other``: anything else (a human's reply, an auto-reply), left alone.
 
 ``unparsed`` is a bounce we cannot read: a report whose status or feedback part is missing or
@@ -38,12 +38,13 @@ from email.parser import HeaderParser
 from include.bounces.verp import delivery_id_pattern
 from include.errors import InvalidEmailError
 from include.suppressions.addresses import normalize_email
+from include.suppressions.unsubscribe import MAX_TOKEN_LENGTH
 
 KINDS = ("dsn", "arf", "unsubscribe", "other", "unparsed")
 MAX_TEXT = 300  # characters kept of a diagnostic or a problem
 MAX_PARTS = 200  # parts looked at in one message: a report has three or four
 _ENVELOPE_HEADERS = ("X-Original-To", "Delivered-To", "Envelope-To", "To", "Return-Path")
-_UNSUBSCRIBE = re.compile(r"\bunsubscribe-([A-Za-z0-9][A-Za-z0-9_.-]{0,63})", re.IGNORECASE)
+_UNSUBSCRIBE = re.compile(rf"\bunsubscribe-([A-Za-z0-9_.-]{{1,{MAX_TOKEN_LENGTH}}})", re.IGNORECASE)
 _MESSAGE_ID_LOCAL = re.compile(r"<\s*([A-Za-z0-9][A-Za-z0-9_.-]{0,63})@[^<>\s]+>")
 _ADDRESS = re.compile(r"[^\s<>(),;:\"']+@[^\s<>(),;:\"']+")
 _MAILER_DAEMON = re.compile(r"\b(mailer-daemon|postmaster)@", re.IGNORECASE)
@@ -70,7 +71,7 @@ class RecipientStatus:
 class Report:
     """What one message says. ``delivery_ids``: candidates, most trusted first; ``addresses``:
     the recipient addresses it names (normalised); ``campaign_id``: the returned message's
-    ``X-Campaign-Id``."""
+    ``X-Campaign-Id``; ``token``: an unsubscribe's token as written, not yet checked."""
 
     report_id: str
     kind: str
@@ -80,6 +81,7 @@ class Report:
     addresses: tuple[str, ...] = ()
     campaign_id: str = ""
     problem: str = ""
+    token: str = ""
 
     def worst(self) -> RecipientStatus | None:
         """The block that decides a DSN's outcome: the first failed, else delayed, else any."""
@@ -130,7 +132,7 @@ def _classify(message: Message, report_id: str, bounce_address: str | None) -> R
     subject = _one_line(_header(message, "Subject"))
     unsubscribe = _UNSUBSCRIBE.search(subject)
     if unsubscribe and report is None:
-        return Report(report_id, "unsubscribe", delivery_ids=(unsubscribe.group(1),))
+        return Report(report_id, "unsubscribe", token=unsubscribe.group(1))
     from_daemon = _MAILER_DAEMON.search(_header(message, "From"))
     if from_daemon or (verp_ids and _FAILURE_SUBJECT.search(subject)):  # a read receipt (MDN) is other
         why = "a report we cannot read" if report is not None else "a bounce that is not an RFC 3464 report"

@@ -351,8 +351,11 @@ class Renderer:
         event: Mapping[str, Any],
         delivery_id: str,
         unsubscribe_url: str,
+        unsubscribe_token: str = "",
     ) -> RenderedEmail:
-        """The message as SMTP bytes. InvalidEmailError for a bad recipient, TemplateRenderError else."""
+        """The message as SMTP bytes. InvalidEmailError for a bad recipient, TemplateRenderError else.
+        The ``mailto:`` unsubscribe (when set) carries ``unsubscribe_token``, the link's signed
+        token: without one it is left out (a delivery id alone must unsubscribe no one)."""
         to_address = normalize_email(recipient.get("email"))
         from_header, from_address, domain = self._sender(campaign.sender)
         if _URL_FORBIDDEN.search(unsubscribe_url):
@@ -369,10 +372,9 @@ class Renderer:
         name = " ".join(str(p) for p in (recipient.get("first_name"), recipient.get("last_name")) if p)
         message_id = message_id_for(delivery_id, domain)
         unsubscribe = f"<{unsubscribe_url}>"
-        if self.unsubscribe_mailto:
-            unsubscribe += (
-                f", <mailto:{self.unsubscribe_mailto}?subject=unsubscribe-{quote(str(delivery_id), safe='')}>"
-            )
+        if self.unsubscribe_mailto and unsubscribe_token:
+            by_mail = f"unsubscribe-{quote(unsubscribe_token, safe='')}"
+            unsubscribe += f", <mailto:{self.unsubscribe_mailto}?subject={by_mail}>"
         headers = (
             f"From: {from_header}\r\n"
             f"To: {format_address(name, to_address)}\r\n"
@@ -410,9 +412,12 @@ class Renderer:
         event: Mapping[str, Any],
         delivery_id: str,
         unsubscribe_url: str,
+        unsubscribe_token: str = "",
     ) -> EmailMessage:
         """The message as an :class:`EmailMessage` (multipart/alternative text + HTML)."""
-        rendered = self.render_bytes(campaign, recipient, event, delivery_id, unsubscribe_url)
+        rendered = self.render_bytes(
+            campaign, recipient, event, delivery_id, unsubscribe_url, unsubscribe_token
+        )
         message = message_from_bytes(rendered.data, policy=email_policy.default)
         assert isinstance(message, EmailMessage)
         return message

@@ -92,7 +92,7 @@ class RowRenderer:
         url = unsubscribe_url_for(
             row["delivery_id"], row["campaign_id"], row["recipient_id"], self.unsubscribe_url, token
         )
-        return self.renderer.render_bytes(campaign, recipient, event, row["delivery_id"], url)
+        return self.renderer.render_bytes(campaign, recipient, event, row["delivery_id"], url, token)
 
 
 _WORKER_RENDERER: list[RowRenderer] = []  # in a render process: the one set up by _start_render_worker

@@ -12,7 +12,9 @@
    campaign's order in the file): ``dedupe`` when the person has another live decision of the
    campaign less than ``dedupe`` apart, ``frequency_cap`` when ``max`` live decisions of any
    campaign lie less than ``per`` apart. Live: pending, sending or sent, in this batch or already
-   in ``deliveries``.
+   in ``deliveries``. A pending email of a campaign that is not enabled (switched off or removed)
+   is *waiting*: it counts toward its own campaign's dedupe (no pile of them goes out when it is
+   switched back on) but toward no frequency cap (it may never go out).
 
 The first reason in that order wins.
 """
@@ -35,6 +37,7 @@ from include.suppressions.store import suppressed_reason
 SuppressionLookup = Callable[[Iterable[str]], Mapping[tuple[str, str], str]]
 
 HISTORY_COLUMNS = ["recipient_id", "campaign_id", "event_time", "event_id"]  # live decisions, for dedupe
+WAITING = "waiting"  # history's flag: a pending email of a campaign not enabled (see the docstring)
 
 
 def delivery_ids(campaign_ids: pd.Series, recipient_ids: pd.Series, event_ids: pd.Series) -> list[str]:
@@ -53,7 +56,11 @@ def _none_to_empty(values: pd.Series) -> list[str]:
 
 
 def no_history() -> pd.DataFrame:
-    return empty_frame(HISTORY_COLUMNS).astype({"event_time": float})
+    return empty_frame([*HISTORY_COLUMNS, WAITING]).astype({"event_time": float, WAITING: bool})
+
+
+def enabled_campaigns(rules: Sequence[Rule]) -> frozenset[str]:
+    return frozenset(rule.id for rule in rules if rule.campaign.enabled)
 
 
 # --- the audience -----------------------------------------------------------------------------
@@ -287,8 +294,9 @@ class _LimitInputs:
     campaign: np.ndarray
     when: np.ndarray
     dedupe: np.ndarray  # the campaign's dedupe window, 0 for none
+    waiting: np.ndarray  # the campaign is not enabled: kept, it counts toward no frequency cap
     past_person: np.ndarray
-    past: pd.DataFrame  # person, past_campaign, past_time
+    past: pd.DataFrame  # person, past_campaign, past_time, past_waiting
     per_recipient: tuple[int, float] | None
 
 
@@ -301,7 +309,8 @@ def limit_reasons(
     """``dedupe`` / ``frequency_cap`` for candidates still eligible, earliest first.
 
     ``candidates`` (recipient_id, campaign_id, time_gmt) must be in decision order; ``history``
-    holds the live decisions already made (recipient_id, campaign_id, event_time). A person
+    holds the live decisions already made (recipient_id, campaign_id, event_time, and
+    ``waiting``: False when absent). A person
     with one candidate in the batch is checked against the history in one vectorised pass; a
     person with several is scanned in order, since whether a later event is kept depends on
     which earlier ones were.
@@ -322,6 +331,9 @@ def limit_reasons(
             "person": past_person,
             "past_campaign": history["campaign_id"].to_numpy(dtype=object),
             "past_time": history["event_time"].to_numpy(dtype=float),
+            "past_waiting": (
+                history[WAITING].to_numpy(dtype=bool) if WAITING in history else np.zeros(len(history), bool)
+            ),
         }
     )
     inputs = _LimitInputs(
@@ -329,6 +341,7 @@ def limit_reasons(
         campaign=candidates["campaign_id"].to_numpy(dtype=object),
         when=candidates["time_gmt"].to_numpy(dtype=float),
         dedupe=candidates["campaign_id"].map(dedupe_of).to_numpy(dtype=float),
+        waiting=~candidates["campaign_id"].isin(enabled_campaigns(rules)).to_numpy(dtype=bool),
         past_person=past_person,
         past=past,
         per_recipient=per_recipient,
@@ -353,7 +366,8 @@ def _limit_alone(inputs: _LimitInputs, single: np.ndarray, reasons: np.ndarray) 
     reasons[deduped] = "dedupe"
     if inputs.per_recipient:
         cap_max, cap_per = inputs.per_recipient
-        near = np.bincount(rows[apart < cap_per], minlength=len(inputs.person))
+        counted = (apart < cap_per) & ~pairs["past_waiting"].to_numpy(dtype=bool)
+        near = np.bincount(rows[counted], minlength=len(inputs.person))
         capped = np.flatnonzero(near >= cap_max)
         reasons[capped[pd.isna(reasons[capped])]] = "frequency_cap"
 
@@ -362,24 +376,25 @@ def _limit_in_order(inputs: _LimitInputs, scan: np.ndarray, reasons: np.ndarray)
     """Candidates of people with several in the batch: a scan in decision order, the history
     counted as kept first."""
     cap_max, cap_per = inputs.per_recipient if inputs.per_recipient else (0, 0.0)
-    kept: dict[int, list[tuple[str, float]]] = {}
+    kept: dict[int, list[tuple[str, float, bool]]] = {}  # campaign, time, waiting
     relevant = np.isin(inputs.past_person, inputs.person[scan])
-    for who, what, at in zip(
+    for who, what, at, waiting in zip(
         inputs.past_person[relevant].tolist(),
         inputs.past["past_campaign"].to_numpy()[relevant].tolist(),
         inputs.past["past_time"].to_numpy()[relevant].tolist(),
+        inputs.past["past_waiting"].to_numpy()[relevant].tolist(),
         strict=True,
     ):
-        kept.setdefault(who, []).append((what, at))
+        kept.setdefault(who, []).append((what, at, waiting))
     for row in scan.tolist():
         mine = kept.setdefault(int(inputs.person[row]), [])
         at, what, window = inputs.when[row], inputs.campaign[row], inputs.dedupe[row]
-        if window and any(c == what and abs(t - at) < window for c, t in mine):
+        if window and any(c == what and abs(t - at) < window for c, t, _ in mine):
             reasons[row] = "dedupe"
-        elif inputs.per_recipient and sum(abs(t - at) < cap_per for _, t in mine) >= cap_max:
+        elif inputs.per_recipient and sum(abs(t - at) < cap_per and not w for _, t, w in mine) >= cap_max:
             reasons[row] = "frequency_cap"
         else:
-            mine.append((what, at))
+            mine.append((what, at, bool(inputs.waiting[row])))
 
 
 # --- a batch's decisions ----------------------------------------------------------------------

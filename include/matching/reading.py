@@ -10,7 +10,7 @@ range per trigger from there, merged in time order.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from sqlalchemy import Connection, text
 
 from include.config import TriggersConfig, dimension_column
 from include.database.sql import driver_sql, in_list, list_param, row_address
-from include.matching.decisions import HISTORY_COLUMNS, Audience, no_history
+from include.matching.decisions import HISTORY_COLUMNS, WAITING, Audience, no_history
 from include.matching.rules import (
     MC_ID,
     Rule,
@@ -280,19 +280,27 @@ def read_history(
     start: float,
     end: float,
     not_decided_at: float | None = None,
+    enabled: Collection[str] | None = None,
 ) -> pd.DataFrame:
     """Live decisions in ``deliveries`` for these recipients with start <= event_time <= end
-    (except those taken at ``not_decided_at``: the current run's, which it keeps itself)."""
+    (except those taken at ``not_decided_at``: the current run's, which it keeps itself), each
+    flagged ``waiting`` when it is a pending email of a campaign not in ``enabled`` (a switched-off
+    or removed one: it counts toward no frequency cap; None: every campaign counts)."""
     ids = list(set(recipient_ids))
     if not ids:
         return no_history()
     statuses = ", ".join(f"'{s}'" for s in LIVE_STATUSES)
     params: dict[str, Any] = {"ids": list_param(conn, ids), "start": start, "end": end}
     sql = (
-        f"SELECT {', '.join(HISTORY_COLUMNS)} FROM deliveries WHERE {in_list(conn, 'recipient_id', 'ids')} "
+        f"SELECT {', '.join(HISTORY_COLUMNS)}, status FROM deliveries "
+        f"WHERE {in_list(conn, 'recipient_id', 'ids')} "
         f"AND event_time >= :start AND event_time <= :end AND status IN ({statuses})"
     )
     if not_decided_at is not None:
         sql += " AND decided_at <> :not_decided_at"
         params["not_decided_at"] = not_decided_at
-    return read_frame(conn, sql, params, HISTORY_COLUMNS, floats=("event_time",))
+    found = read_frame(conn, sql, params, [*HISTORY_COLUMNS, "status"], floats=("event_time",))
+    pending = (found["status"] == "pending").to_numpy(dtype=bool)
+    other = ~found["campaign_id"].isin(list(enabled)).to_numpy(dtype=bool) if enabled is not None else False
+    found[WAITING] = pending & other
+    return found.drop(columns="status")

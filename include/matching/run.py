@@ -22,7 +22,7 @@ from sqlalchemy import Connection, Engine
 
 from include.config import TriggersConfig
 from include.database.locks import run_lock
-from include.matching.decisions import HISTORY_COLUMNS, finish, no_history, screen
+from include.matching.decisions import HISTORY_COLUMNS, WAITING, enabled_campaigns, finish, no_history, screen
 from include.matching.reading import (
     AudienceReader,
     ReadySelection,
@@ -56,7 +56,10 @@ class RunDecisions:
             )  # not every column's take
         )
 
-    def history(self, recipient_ids: np.ndarray, start: float, end: float) -> pd.DataFrame:
+    def history(
+        self, recipient_ids: np.ndarray, start: float, end: float, enabled: frozenset[str]
+    ) -> pd.DataFrame:
+        """The run's pending decisions; ``waiting`` where the campaign is not in ``enabled``."""
         if not self.parts:
             return no_history()
         if len(self.parts) > 1:
@@ -66,7 +69,9 @@ class RunDecisions:
         keep = (
             (times >= start) & (times <= end) & known["recipient_id"].isin(recipient_ids).to_numpy(dtype=bool)
         )
-        return known[keep]
+        found = known[keep].copy()
+        found[WAITING] = ~found["campaign_id"].isin(enabled).to_numpy(dtype=bool)
+        return found
 
 
 @dataclass(frozen=True)
@@ -99,14 +104,16 @@ def decide_batch(conn: Connection, context: BatchContext, events: pd.DataFrame) 
     if window:
         open_people = screened.loc[screened["reason"].isna().to_numpy(), "recipient_id"].unique()
         bounds = (start - window, end + window)
+        enabled = enabled_campaigns(rules)
         earlier_runs = read_history(
-            conn, open_people.tolist(), *bounds, not_decided_at=context.run.decided_at
+            conn, open_people.tolist(), *bounds, not_decided_at=context.run.decided_at, enabled=enabled
         )
         if len(earlier_runs):  # a decision already taken for one of these events is not history
             earlier_runs = earlier_runs[
                 ~earlier_runs["event_id"].isin(events["event_id"]).to_numpy(dtype=bool)
             ]
-        history = pd.concat([earlier_runs, context.run.history(open_people, *bounds)], ignore_index=True)
+        this_run = context.run.history(open_people, *bounds, enabled)
+        history = pd.concat([earlier_runs, this_run], ignore_index=True)
     return finish(screened, history, config, rules)
 
 

@@ -22,6 +22,7 @@ VALUES = {
     "campaign_id": "cart_abandonment",
     "report_id": "r-1",
     "bounce_domain": "mail.shop.example",
+    "token": "ZDE.1796554960.c2lnbmF0dXJl",
 }
 REAL = {path.stem: message_from_fixture(path.stem, **VALUES) for path in sorted(FIXTURES.glob("*.eml"))}
 
@@ -109,10 +110,20 @@ def test_an_arf_complaint_names_its_type_delivery_and_address() -> None:
 
 def test_the_other_kinds() -> None:
     assert parse_report(REAL["mailto_unsubscribe"], TEMPLATE).kind == "unsubscribe"
-    assert parse_report(REAL["mailto_unsubscribe"], TEMPLATE).delivery_ids == (DELIVERY,)
+    unsubscribe = parse_report(REAL["mailto_unsubscribe"], TEMPLATE)
+    assert (unsubscribe.token, unsubscribe.delivery_ids) == (VALUES["token"], ())  # checked when applied
     assert parse_report(REAL["customer_reply"], TEMPLATE).kind == "other"
     broken = parse_report(REAL["broken_report"], TEMPLATE)
     assert broken.kind == "unparsed" and broken.problem == "no delivery-status part"
+
+
+def test_an_unsubscribe_subject_gives_the_whole_signed_token() -> None:
+    from include.suppressions.unsubscribe import make_token
+
+    token = make_token(b"k" * 32, DELIVERY, "ann@example.org", "cart_abandonment", issued=1796554960)
+    report = parse_report(_plain("ann@example.org", "unsubscribe@shop.example", f"Re: unsubscribe-{token}"))
+    assert (report.kind, report.token, report.delivery_ids) == ("unsubscribe", token, ())
+    assert 80 < len(token) < 120
 
 
 def _plain(sender: str, to: str, subject: str, extra: str = "") -> bytes:

@@ -212,3 +212,19 @@ def test_message_id_and_unsubscribe_url_are_stable_and_safe() -> None:
 def test_event_context_gives_an_aware_utc_time_and_trimmed_dimension_names() -> None:
     assert EVENT["time"].isoformat() == "2026-01-01T00:05:12+00:00"
     assert set(EVENT["dimensions"]) == {"products", "eVar01"}
+
+
+def test_the_mailto_unsubscribe_carries_the_signed_token_not_the_delivery_id() -> None:
+    """The delivery id is in the Message-ID of every reply and forward: the mailto must not be
+    enough with it alone. Without a token (no signing key) the mailto is left out."""
+    mailing = Renderer(DEFAULT_TEMPLATES_DIR, unsubscribe_mailto="unsubscribe@shop.example")
+    url = unsubscribe_url_for("d-1", CAMPAIGN.id, token="ZC0x.1767225912.c2ln")
+    signed = parse(
+        mailing.render_bytes(CAMPAIGN, recipient(), EVENT, "d-1", url, "ZC0x.1767225912.c2ln").data
+    )
+    assert signed["List-Unsubscribe"] == (
+        "<https://example.com/unsubscribe/ZC0x.1767225912.c2ln>, "
+        "<mailto:unsubscribe@shop.example?subject=unsubscribe-ZC0x.1767225912.c2ln>"
+    )
+    unsigned = parse(mailing.render_bytes(CAMPAIGN, recipient(), EVENT, "d-1", url).data)
+    assert "mailto:" not in unsigned["List-Unsubscribe"] and "d-1" not in unsigned["List-Unsubscribe"]
