@@ -16,11 +16,10 @@ from sqlalchemy import text
 
 from include.config import load_config
 from include.database.engine import make_engine
-from include.database.schema import deliveries
-from include.database.sql import bulk_write
 from include.suppressions.unsubscribe import make_token, unsubscribe_secret
 from tests.airflow_harness import AirflowHarness
 from tests.conftest import upgrade_schema
+from tests.integration.test_unsubscribe import add_delivery
 
 pytestmark = pytest.mark.slow
 
@@ -43,23 +42,7 @@ def test_the_plugin_serves_one_click_unsubscribe_without_sign_in(
     url = f"sqlite:///{tmp_path / 'triggers.db'}"
     engine = make_engine(url)
     upgrade_schema(engine, load_config().dimensions)
-    with engine.begin() as conn:
-        bulk_write(
-            conn,
-            deliveries,
-            [
-                "delivery_id",
-                "campaign_id",
-                "recipient_id",
-                "email",
-                "event_id",
-                "event_time",
-                "decided_at",
-                "status",
-                "attempts",
-            ],
-            [("d1", "cart", "r1", "ann@example.com", "e1", 1.0, 1.0, "sent", 1)],
-        )
+    add_delivery(engine, email="ann@example.com")
     token = make_token(unsubscribe_secret(engine), "d1", "ann@example.com", "cart")
     forged = make_token(b"some-other-secret-0123456789abcdef", "d1", "ann@example.com", "cart")
 
