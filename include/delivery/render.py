@@ -138,6 +138,11 @@ def message_id_for(delivery_id: str, domain: str) -> str:
     return f"<{left}@{domain}>"
 
 
+def unsubscribe_url_template(explicit: str | None = None) -> str:
+    """The one-click URL template: ``explicit``, else ``TRIGGERS_UNSUBSCRIBE_URL``, else the placeholder."""
+    return explicit or os.environ.get(UNSUBSCRIBE_URL_ENV) or DEFAULT_UNSUBSCRIBE_URL
+
+
 def unsubscribe_url_for(
     delivery_id: str,
     campaign_id: str,
@@ -148,8 +153,7 @@ def unsubscribe_url_for(
     """The one-click unsubscribe URL: ``TRIGGERS_UNSUBSCRIBE_URL`` with ``{token}`` (the signed
     token of :mod:`include.suppressions.unsubscribe`; without it the link unsubscribes no one) and
     ``{delivery_id}``, ``{campaign_id}``, ``{recipient_id}`` filled in, URL-quoted."""
-    template = template or os.environ.get(UNSUBSCRIBE_URL_ENV) or DEFAULT_UNSUBSCRIBE_URL
-    return template.format(
+    return unsubscribe_url_template(template).format(
         token=_url_part(token),
         delivery_id=_url_part(delivery_id),
         campaign_id=_url_part(campaign_id),

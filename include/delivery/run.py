@@ -41,12 +41,11 @@ from include.delivery.ratelimit import RateLimiter
 from include.delivery.recorder import Recorder
 from include.delivery.recovery import registered_run, requeue_interrupted
 from include.delivery.render import (
-    DEFAULT_UNSUBSCRIBE_URL,
     UNSUBSCRIBE_MAILTO_ENV,
-    UNSUBSCRIBE_URL_ENV,
     check_delivery_settings,
     check_unsubscribe_url_is_set,
     normalize_email,
+    unsubscribe_url_template,
 )
 from include.delivery.render_pool import BatchRenderer, CampaignSpec, default_render_processes
 from include.delivery.sender import Sender
@@ -70,7 +69,7 @@ def delivery_renderer(
     """What delivery renders rows with: the campaigns, the unsubscribe URL and its token secret.
     The previews (preview, send-test, dry run) render with it too: they show what would be sent."""
     campaigns = {c.id: CampaignSpec(c.id, c.template, c.sender) for c in config.campaigns}
-    url = unsubscribe_url or os.environ.get(UNSUBSCRIBE_URL_ENV) or DEFAULT_UNSUBSCRIBE_URL
+    url = unsubscribe_url_template(unsubscribe_url)
     return BatchRenderer(templates_dir, url, campaigns, processes, unsubscribe_secret(engine))
 
 
@@ -88,9 +87,7 @@ def deliver_pending(
     :class:`RelayRefusedError` (with the relay's reply) when it refuses every message, after
     giving the unsent rows back.
     """
-    unsubscribe_url = (
-        options.unsubscribe_url or os.environ.get(UNSUBSCRIBE_URL_ENV) or DEFAULT_UNSUBSCRIBE_URL
-    )
+    unsubscribe_url = unsubscribe_url_template(options.unsubscribe_url)
     processes = (
         default_render_processes() if options.render_processes is None else max(0, options.render_processes)
     )
