@@ -99,16 +99,19 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"cannot listen on {args.host}:{args.port} ({error}); pick another --port"
         ) from None
-    print(f"Adobe pipeline simulator at {url}  (IMS and journal; consumer {options.consumer})", flush=True)
-    rate = f"  +{options.rate:g}/s" if options.rate else ""
-    print(
-        f"  journal: {url}/journal/{options.consumer}   events: {simulator.journal.length}{rate}", flush=True
-    )
-    if options.public_key_pem is None:
-        print("  no --public-key: JWT exchange refused; OAuth (auth=oauth) works", flush=True)
-    faults = f"""curl -d '{{"status": 503, "count": 3}}' {url}/_sim/faults"""
-    print(f"  faults:  {faults}   stats: {url}/_sim/stats", flush=True)
-    try:
+    try:  # from the first line printed: an interrupt may come as soon as the URL is known
+        print(
+            f"Adobe pipeline simulator at {url}  (IMS and journal; consumer {options.consumer})", flush=True
+        )
+        rate = f"  +{options.rate:g}/s" if options.rate else ""
+        print(
+            f"  journal: {url}/journal/{options.consumer}   events: {simulator.journal.length}{rate}",
+            flush=True,
+        )
+        if options.public_key_pem is None:
+            print("  no --public-key: JWT exchange refused; OAuth (auth=oauth) works", flush=True)
+        faults = f"""curl -d '{{"status": 503, "count": 3}}' {url}/_sim/faults"""
+        print(f"  faults:  {faults}   stats: {url}/_sim/stats", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
