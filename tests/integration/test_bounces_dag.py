@@ -18,12 +18,16 @@ from include.sandbox.simulator.options import SimulatorOptions
 from tests.conftest import upgrade_schema
 from tests.integration.dovecot import Dovecot, dovecot_server, message_from_fixture  # noqa: F401
 from tests.integration.test_delivery import seed
+from tests.integration.test_pipeline_dag import workdir  # noqa: F401 (the module's Airflow database)
 
 pytestmark = pytest.mark.slow
 
 
 def test_the_dag_applies_the_mailbox_and_files_the_report(
-    db_url: str, dovecot: Dovecot, tmp_path: Path
+    workdir: Path,  # noqa: F811 (fixture)
+    db_url: str,
+    dovecot: Dovecot,
+    tmp_path: Path,
 ) -> None:
     config = load_config()
     engine = make_engine(db_url)
@@ -45,13 +49,10 @@ def test_the_dag_applies_the_mailbox_and_files_the_report(
         ),
     )
     environment = airflow_environment(
-        tmp_path, "http://127.0.0.1:1", 1, tmp_path / "none.pem", SimulatorOptions(), db_url
+        workdir, "http://127.0.0.1:1", 1, tmp_path / "none.pem", SimulatorOptions(), db_url
     )
     environment["AIRFLOW_CONN_IMAP_DEFAULT"] = json.dumps(dovecot.connection())
     environment["TRIGGERS_BOUNCE_ADDRESS"] = "bounces+{delivery_id}@mail.shop.example"
-    migrate = [AIRFLOW, "db", "migrate"]
-    subprocess.run(migrate, env=environment, check=True, capture_output=True, timeout=300)
-
     done = subprocess.run(
         [AIRFLOW, "dags", "test", "triggers_feedback"],
         env=environment,

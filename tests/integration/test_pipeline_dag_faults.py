@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -23,23 +22,15 @@ from include.sandbox.simulator.population import write_audience_csv
 from include.sandbox.simulator.server import Simulator
 from include.sandbox.smtp_server import LocalSmtpServer
 from tests.conftest import ROOT, upgrade_schema
+from tests.integration.test_pipeline_dag import workdir  # noqa: F401 (the module's Airflow database)
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def airflow_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A migrated Airflow metadata database, shared by the tests of this module."""
-    workdir = tmp_path_factory.mktemp("dag-faults")
-    environment = airflow_environment(
-        workdir, "http://127.0.0.1:1", 1, workdir / "none.pem", SimulatorOptions(), "sqlite://"
-    )
-    subprocess.run([AIRFLOW, "db", "migrate"], env=environment, check=True, capture_output=True, timeout=300)
-    return workdir
-
-
 def test_a_failed_drain_still_matches_delivers_and_reports_and_the_run_fails(
-    airflow_workdir, db_url, tmp_path
+    workdir,  # noqa: F811 (fixture)
+    db_url,
+    tmp_path,
 ):
     private_key, public_key = create_key_pair(tmp_path / "keys")
     options = SimulatorOptions(
@@ -55,9 +46,7 @@ def test_a_failed_drain_still_matches_delivers_and_reports_and_the_run_fails(
     with Simulator(options) as simulator, LocalSmtpServer() as smtp:
         write_audience_csv(tmp_path / "audience.csv", 300)
         load_recipients(engine, tmp_path / "audience.csv")
-        environment = airflow_environment(
-            airflow_workdir, simulator.url, smtp.port, private_key, options, db_url
-        )
+        environment = airflow_environment(workdir, simulator.url, smtp.port, private_key, options, db_url)
         environment["TRIGGERS_TOKEN_CACHE"] = str(tmp_path / "token-cache")
         # an earlier drain staged the journal; then the journal refuses this consumer
         drained = subprocess.run(
