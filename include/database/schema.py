@@ -101,6 +101,24 @@ mailbox_reports = Table(
     Column("read_at", Float, nullable=False),
 )
 
+hourly_counts = Table(
+    "hourly_counts",
+    metadata,
+    Column("hour", Float, primary_key=True, comment="unix time of the hour's start"),
+    Column(
+        "campaign_id", Text, primary_key=True, comment="empty: no campaign (received, staged, quarantined...)"
+    ),
+    Column("name", Text, primary_key=True),
+    Column("n", BigInteger, nullable=False),
+)
+
+rate_limits = Table(
+    "rate_limits",
+    metadata,
+    Column("key", Text, primary_key=True, comment="* overall, @domain per recipient domain"),
+    Column("next_at", Float, nullable=False, comment="unix time of the next free sending slot"),
+)
+
 matching_frontier = Table(
     "matching_frontier",
     metadata,
