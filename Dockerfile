@@ -12,4 +12,7 @@ RUN pip install --no-cache-dir \
 COPY --chown=airflow:0 include /opt/airflow/include
 COPY --chown=airflow:0 dags /opt/airflow/dags
 COPY --chown=airflow:0 plugins /opt/airflow/plugins
+# airflow-init's script and the secrets check, which refuses the values of .env.example
+COPY --chown=airflow:0 docker /opt/airflow/docker
+COPY --chown=airflow:0 .env.example /opt/airflow/.env.example
 ENV PYTHONPATH=/opt/airflow
