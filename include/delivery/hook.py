@@ -50,7 +50,19 @@ class PipeliningSmtpHook(SmtpHook):
             retry_limit=self.smtp_retry_limit,
             from_email=self.from_email,
             verify_certificates=self.ssl_context != "none",
+            max_connections=self._max_connections(),
         )
+
+    def _max_connections(self) -> int | None:
+        """extra ``max_connections``: how many sessions the relay lets one client open at once."""
+        value = self.conn.extra_dejson.get("max_connections")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not str(value).strip().isdigit() or int(value) < 1:
+            raise SmtpUnavailableError(
+                f"{self.smtp_conn_id} extra max_connections must be a whole number of 1 or more, not {value!r}"
+            )
+        return int(value)
 
     def _refuse_ambiguous_extras(self) -> None:
         if self.smtp_user and not self.smtp_password:  # else every message would meet a 530

@@ -12,12 +12,14 @@ class DeliveryOptions:
     """The options of one :func:`~include.delivery.run.deliver_pending` call.
 
     ``templates_dir``: the campaigns' template sets; ``worker_id``: names the run in the rows it
-    claims (the DAG passes its run id). ``connections`` SMTP connections in parallel, each reused
-    for many messages; ``batch_size`` rows selected, re-checked and claimed together;
+    claims (the DAG passes its run id). ``connections`` SMTP sessions in parallel, each reused
+    for many messages (0: sized from the rate and the relay's round trip, at most
+    ``max_connections``: :mod:`~include.delivery.pool`); ``batch_size`` rows selected, re-checked and claimed together;
     ``max_messages``: stop after claiming this many. ``now``: the run's clock starts there (tests,
     reruns); ``interval``: only the deliveries of that event-time interval (a backfill run).
     ``window`` bounds the messages per connection accepted by the server but not yet committed
-    (1 = commit each message before sending the next). ``lease``: after this long, a claim whose
+    (1 = commit each message before sending the next; 0: 16 for a relay on loopback or the same
+    network, 2 for a far one, :mod:`~include.delivery.pool`). ``lease``: after this long, a claim whose
     worker cannot be checked is taken back. A 4xx or a dropped connection puts the row back to
     ``pending`` with ``retry_delay * 2**(attempts-1)`` (capped at ``max_retry_delay``) before it
     is due again; the run waits for retries due within ``wait_for_retries`` seconds and leaves
@@ -36,11 +38,12 @@ class DeliveryOptions:
     templates_dir: str | os.PathLike[str]
     worker_id: str
     connections: int = 1
+    max_connections: int = 32  # pool.DEFAULT_MAX_CONNECTIONS: the cap per relay of a sized pool
     batch_size: int = 500
     max_messages: int | None = None
     now: float | None = None
     interval: tuple[float, float] | None = None
-    window: int = 16
+    window: int = 0
     lease: float = 600.0
     retry_delay: float = 60.0
     max_retry_delay: float = 3600.0
@@ -51,6 +54,8 @@ class DeliveryOptions:
     max_same_refusals: int = 5
 
     def __post_init__(self) -> None:
-        if self.connections < 1 or self.window < 1 or self.batch_size < 1:
-            raise ValueError("connections, window and batch_size must be at least 1")
+        if self.connections < 0 or self.window < 0 or self.batch_size < 1 or self.max_connections < 1:
+            raise ValueError(
+                "connections and window must be 0 (sized) or more, batch_size and max_connections at least 1"
+            )
         object.__setattr__(self, "templates_dir", Path(self.templates_dir))

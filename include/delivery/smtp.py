@@ -1,8 +1,11 @@
-"""The SMTP protocol as the sender speaks it: one session per connection, PIPELINING (RFC 2920).
+"""The SMTP protocol as the sender speaks it: one session per connection, PIPELINING (RFC 2920),
+CHUNKING (RFC 3030: ``BDAT``, several messages in flight on one connection).
 
 :class:`SmtpSettings` is what a session needs (built by :class:`~include.delivery.hook.PipeliningSmtpHook`
 from the provider's reading of ``smtp_default``); :func:`open_client` connects, greets, starts TLS
 and logs in; :class:`SmtpSession` sends messages on one connection, reopened when it drops.
+A relay that greets with 421 (too many connections) raises :class:`RelayBusy`: the pool of
+sessions shrinks instead of failing deliveries.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class SmtpSettings:
     retry_limit: int = 5
     from_email: str | None = None
     verify_certificates: bool = True
+    max_connections: int | None = None  # the relay's cap on our concurrent sessions (extra max_connections)
 
     @property
     def address(self) -> str:
@@ -52,16 +56,33 @@ class SmtpSettings:
         return context
 
 
-def open_client(settings: SmtpSettings) -> smtplib.SMTP:
-    """A connected, greeted and logged-in client. Login errors never show the password."""
-    if settings.use_ssl:
-        client: smtplib.SMTP = smtplib.SMTP_SSL(
-            settings.host, settings.port or 465, timeout=settings.timeout, context=settings.ssl_context()
-        )
-    else:
-        client = smtplib.SMTP(settings.host, settings.port or 25, timeout=settings.timeout)
+class RelayBusy(Exception):
+    """The relay greeted with 421 (too many connections): no message was attempted."""
+
+
+def _greeted(settings: SmtpSettings) -> smtplib.SMTP:
     try:
+        if settings.use_ssl:
+            return smtplib.SMTP_SSL(
+                settings.host, settings.port or 465, timeout=settings.timeout, context=settings.ssl_context()
+            )
+        return smtplib.SMTP(settings.host, settings.port or 25, timeout=settings.timeout)
+    except smtplib.SMTPConnectError as error:
+        if error.smtp_code == 421:
+            raise RelayBusy(
+                f"SMTP relay {settings.address} is busy: {reply_text(421, error.smtp_error)}"
+            ) from None
+        raise
+
+
+def open_client(settings: SmtpSettings) -> smtplib.SMTP:
+    """A connected, greeted and logged-in client. Login errors never show the password.
+    ``client.round_trip``: the seconds its EHLO took (one round trip: the relay's distance)."""
+    client = _greeted(settings)
+    try:
+        started = time.perf_counter()
         client.ehlo()
+        client.round_trip = time.perf_counter() - started  # type: ignore[attr-defined]
         if settings.starttls and not settings.use_ssl:
             client.starttls(context=settings.ssl_context())
             client.ehlo()
@@ -171,6 +192,21 @@ def _transaction(
     raise smtplib.SMTPServerDisconnected(f"DATA answered {replies[2][0]}")
 
 
+def chunked_message(commands: tuple[bytes, bytes, bytes], data: bytes) -> bytes:
+    """MAIL, RCPT and ``BDAT <size> LAST`` with the body as it is (RFC 3030: no dot-stuffing)."""
+    return b"".join((commands[0], commands[1], b"BDAT %d LAST\r\n" % len(data), data))
+
+
+def chunked_reply(client: smtplib.SMTP) -> Reply:
+    """The three replies of one message sent with :func:`chunked_message`, in order: the first
+    refusal is the message's reply (a refused RCPT makes the BDAT fail too)."""
+    replies = [client.getreply() for _ in range(3)]
+    for (code, message), accepted, stage in zip(replies, _ACCEPTED[:2] + ((250,),), _STAGES, strict=True):
+        if code not in accepted:
+            return Reply(code, message, stage == "DATA", False, stage if stage != "DATA" else "BODY")
+    return Reply(replies[2][0], replies[2][1], True, False)
+
+
 class Sent(NamedTuple):
     """What became of a message: ``outcome`` is sent, failed (5xx), retry (4xx, dropped), relay
     (a 5xx refusing every message: :func:`relay_wide`) or release (the claim expired unsent)."""
@@ -194,6 +230,43 @@ class SmtpSession:
         self.envelope_from = envelope_from
         self.count = count
         self.client: smtplib.SMTP | None = None
+        self.round_trip: float | None = None  # the EHLO of the first connection
+
+    def connect(self) -> smtplib.SMTP:
+        """The open connection, else a new one (:class:`RelayBusy`, :class:`SmtpUnavailableError`)."""
+        if self.client is None:
+            self.client = self._connect()
+            if self.round_trip is None:
+                self.round_trip = getattr(self.client, "round_trip", None)
+        return self.client
+
+    @property
+    def chunking(self) -> bool:
+        """The open connection offers CHUNKING and PIPELINING: messages go as MAIL, RCPT, BDAT LAST
+        and the body, several in flight, their replies read in order."""
+        client = self.client
+        return client is not None and client.has_extn("chunking") and client.has_extn("pipelining")
+
+    def write_chunked(self, message: RenderedEmail) -> None:
+        """Send ``message`` without waiting (:meth:`read_chunked` reads its replies)."""
+        if self.client is None:
+            raise smtplib.SMTPServerDisconnected("the connection was closed")
+        self.client.send(chunked_message(self.commands(message), message.data))
+
+    def read_chunked(self) -> Sent:
+        """The outcome of the oldest message written by :meth:`write_chunked`; a dropped
+        connection raises (the caller reconnects and writes the unanswered ones again)."""
+        assert self.client is not None
+        code, message, body_sent, _, stage = chunked_reply(self.client)
+        reply = reply_text(code, message)
+        if code == 250 and body_sent:
+            return Sent("sent", reply, False)
+        if code == 421:
+            self._drop()
+            return Sent("retry", reply, False)
+        if 400 <= code < 500:
+            return Sent("retry", reply, False)
+        return Sent("relay" if relay_wide(code, message, stage) else "failed", reply, False)
 
     def commands(self, message: RenderedEmail) -> tuple[bytes, bytes, bytes]:
         """MAIL, RCPT, DATA; both addresses passed normalize_email: ASCII local@domain, nothing to quote."""
@@ -222,8 +295,9 @@ class SmtpSession:
         drops = 0
         while True:
             if self.client is None:
-                self.client = self._connect()
+                self.connect()
                 opened = False
+            assert self.client is not None
             try:
                 return self._send_once(self.client, commands, message.data, opened, chained, expires)
             except ClaimExpired:
@@ -269,7 +343,7 @@ class SmtpSession:
         for attempt in range(self.settings.retry_limit + 1):
             try:
                 return open_client(self.settings)
-            except SmtpUnavailableError:
+            except (SmtpUnavailableError, RelayBusy):
                 raise
             except (OSError, smtplib.SMTPException) as error:
                 if attempt == self.settings.retry_limit:
@@ -281,6 +355,10 @@ class SmtpSession:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
         raise AssertionError("unreachable")
+
+    def drop(self) -> None:
+        """Close the connection at once (no QUIT): a later send opens a new one."""
+        self._drop()
 
     def _drop(self) -> None:
         if self.client is not None:

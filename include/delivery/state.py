@@ -29,6 +29,7 @@ class Job:
     attempts: int
     claimed_at: float
     domain: str
+    campaign_id: str = ""  # the status view's counts per campaign (recorder)
 
 
 @dataclass(slots=True)
@@ -45,8 +46,10 @@ class Result:
 class RunState:
     """The shared state of one run: its clock, queues, counts and the first fatal error."""
 
-    def __init__(self, options: DeliveryOptions, run_token: str) -> None:
+    def __init__(self, options: DeliveryOptions, run_token: str, *, far: bool = False) -> None:
         self.options = options
+        # the relay is far (pool.FAR_ROUND_TRIP): a commit is cheap beside a round trip, so results
+        # are committed at once (no lingering for a group) and a session waits for its slot
         self.run_token = run_token
         self.now = options.now
         self.started = time.time()
@@ -57,7 +60,8 @@ class RunState:
         # a commit costs about the same whatever its size: the recorder lets a group of half the
         # windows form (the senders go on meanwhile) and a sender wakes it once one has formed
         window = options.window
-        self.group = max(1, options.connections * window // 2) if window > 1 else 1
+        self.far = far
+        self.group = max(1, options.connections * window // 2) if window > 1 and not far else 1
         self.group_ready = threading.Event()
         self.fatal: list[BaseException] = []
         self.alive_senders = options.connections

@@ -5,7 +5,10 @@ point ``smtp_default`` at it with ``{"conn_type": "smtp", "host": "127.0.0.1", "
 "extra": {"disable_ssl": true, "disable_tls": true}}``.
 
 It offers PIPELINING (RFC 2920) as real relays do (Postfix, Amazon SES...); ``pipelining=False``
-makes it a server that does not.
+makes it a server that does not. ``chunking=True`` also offers CHUNKING (RFC 3030: ``BDAT <size>
+[LAST]``, the body as exactly that many bytes, no dot-stuffing). ``max_connections``: past that
+many open connections it greets the next one with ``421 4.7.0 too many connections`` and closes
+it, as real relays do (default: no cap).
 
 Faults (all thread-safe, set from the test's thread while the server runs):
 ``fail_next(n, reply, at)`` answers 451 (or ``reply``; a 421 also closes the connection) to the
@@ -21,8 +24,9 @@ denied"`` at ``RCPT``.
 ``stop()`` / ``start()`` restart on the same port.
 
 What it saw, for the tests: ``messages``, ``replies`` (every reply line it sent), ``reads`` (how
-many reads from its clients) and ``pipelined_groups`` (reads that brought MAIL FROM and RCPT TO
-together).
+many reads from its clients), ``pipelined_groups`` (reads that brought MAIL FROM and RCPT TO
+together), ``chunked_messages`` (ended by ``BDAT LAST``), ``refused_connections`` (greeted with
+421), ``most_connections`` (open at once).
 """
 
 from __future__ import annotations
@@ -100,6 +104,8 @@ class _Handler:
         session.host_name = hostname
         if self.server.pipelining:  # aiosmtpd reads commands in order from its stream: it can
             responses.insert(-1, "250-PIPELINING")
+        if self.server.chunking:
+            responses.insert(-1, "250-CHUNKING")
         return responses
 
     def _fault(self, smtp: SMTP, stage: str) -> str | None:
@@ -180,6 +186,61 @@ class _RecordingSMTP(SMTP):
     def __init__(self, handler: _Handler, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.local_server = handler.server
+        self.chunks: list[bytes] = []  # the BDAT chunks of the current message
+        self.over_cap = False
+        self.counted = False
+
+    def connection_made(self, transport: Any) -> None:
+        server = self.local_server
+        if not self.counted:  # once per connection (STARTTLS calls this again)
+            self.counted = True
+            server.open_connections += 1
+            server.most_connections = max(server.most_connections, server.open_connections)
+            cap = server.max_connections
+            self.over_cap = cap is not None and server.open_connections > cap
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.local_server.open_connections -= 1
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        if self.over_cap:  # as a relay at its limit: this greeting, then the connection closes
+            self.local_server.refused_connections += 1
+            await self.push("421 4.7.0 too many connections")
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        """RFC 3030: ``BDAT <size> [LAST]``, then exactly size bytes of the body."""
+        if not self.local_server.chunking:
+            await self.push('500 Error: command "BDAT" not recognized')
+            return
+        words = (arg or "").split()
+        if not 1 <= len(words) <= 2 or not words[0].isdigit() or words[1:] not in ([], ["LAST"]):
+            await self.push("501 5.5.4 Syntax: BDAT <size> [LAST]")
+            return
+        size, last = int(words[0]), len(words) == 2
+        self.chunks.append(await self._reader.readexactly(size))  # read whatever follows
+        assert self.envelope is not None
+        if await self.check_helo_needed() or await self.check_auth_needed("BDAT"):
+            self.chunks = []
+            return
+        if not self.envelope.rcpt_tos:
+            self.chunks = []
+            await self.push("554 5.5.1 Error: no valid recipients")
+            return
+        if not last:
+            await self.push(f"250 2.0.0 {size} octets received")
+            return
+        data, self.chunks = b"".join(self.chunks), []
+        self.local_server.chunked_messages += 1
+        self.envelope.content = self.envelope.original_content = data
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
 
     def data_received(self, data: bytes) -> None:
         self.local_server.reads += 1
@@ -212,10 +273,18 @@ class LocalSmtpServer:
         maildir: str | Path | None = None,
         credentials: tuple[str, str] | None = None,
         pipelining: bool = True,
+        chunking: bool = False,
+        max_connections: int | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.pipelining = pipelining
+        self.chunking = chunking
+        self.max_connections = max_connections
+        self.open_connections = 0
+        self.refused_connections = 0  # greeted with 421 too many connections
+        self.chunked_messages = 0  # ended by BDAT LAST
+        self.most_connections = 0  # the most open at once
         self.messages: list[ReceivedMessage] = []
         self.replies: list[str] = []
         self.reads = 0
@@ -320,17 +389,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8025)
     serve.add_argument("--maildir", default=None, help="also store each message in this Maildir folder")
+    serve.add_argument("--no-pipelining", action="store_true", help="do not offer PIPELINING (RFC 2920)")
+    serve.add_argument("--chunking", action="store_true", help="offer CHUNKING (BDAT, RFC 3030)")
+    serve.add_argument(
+        "--max-connections", type=int, default=None, help="greet connections past this many with 421"
+    )
+    serve.add_argument("--quiet", action="store_true", help="print no count of messages received")
 
 
 def main(args: argparse.Namespace) -> int:
-    server = LocalSmtpServer(args.host, args.port, maildir=args.maildir).start()
+    server = LocalSmtpServer(
+        args.host,
+        args.port,
+        maildir=args.maildir,
+        pipelining=not args.no_pipelining,
+        chunking=args.chunking,
+        max_connections=args.max_connections,
+    ).start()
     where = f", Maildir {args.maildir}" if args.maildir else ""
     print(f"SMTP server on {args.host}:{server.port}{where}; Ctrl-C stops it", flush=True)
     try:
         count = 0
         while True:
             time.sleep(1)
-            if len(server.messages) != count:
+            if len(server.messages) != count and not args.quiet:
                 count = len(server.messages)
                 print(f"{count} messages received", flush=True)
     except KeyboardInterrupt:
