@@ -1,29 +1,38 @@
-"""The producer of one run: select the due rows, re-check, render and claim them, queue the jobs.
+"""The producer of one run: claim the due rows, re-check and render them, queue the jobs.
 
-For each batch: the rows render (in the render processes, if any) while their eligibility is
-checked again here (:func:`include.delivery.eligibility.recheck_eligibility`); then for each
-rendered part, in one transaction, the rows that may no longer go are ``suppressed`` (or
-``failed`` for a template error) and the rest are claimed (``sending``, attempts + 1). The
-claimed jobs are queued for the senders, round-robin over recipient domains. The producer stays
-about two batches ahead of the senders.
+For each batch: the due rows are claimed first (``sending``, attempts + 1, in one transaction;
+on PostgreSQL the select takes them ``FOR UPDATE SKIP LOCKED``, so that several workers on one
+queue claim disjoint rows and never render the same ones); they render (in the render
+processes, if any) while their eligibility is checked again here
+(:func:`include.delivery.eligibility.recheck_eligibility`); then for each rendered part, in one
+transaction, the rows that may no longer go are ``suppressed`` (or ``failed`` for a template
+error) and the rows held for their send window go back to ``pending``, their claim undone
+(attempts and the previous claim's time restored: it was no relay attempt). The claimed jobs are
+queued for the senders, round-robin over recipient domains. The producer stays about two batches
+ahead of the senders. SQLite has no row locks: one worker per database there
+(:func:`~include.delivery.scaleout.check_workers`).
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import Engine, text, update
+from sqlalchemy import Connection, Engine, text, update
 
 from include.config import TriggersConfig
+from include.database.hourly import SUPPRESSED, add_counts
 from include.database.schema import deliveries
 from include.database.sql import driver_sql
-from include.delivery.controls import EXPIRED, SendTimeRules, due_scope, hold_until
+from include.delivery.controls import EXPIRED, SendTimeRules, due_scope
 from include.delivery.eligibility import recheck_eligibility
+from include.delivery.recovery import requeue_interrupted
 from include.delivery.render import RenderedEmail
 from include.delivery.render_pool import RECIPIENT_COLUMNS, BatchRenderer, Rendered, Row
+from include.delivery.scaleout import is_mapped, sibling_of
 from include.delivery.state import Job, RunState
 
 
@@ -59,24 +68,34 @@ class Producer:
         # the next batch is prepared once fewer than this many jobs wait (its rendering is then
         # off this process while the queued ones are sent)
         self.queue_ahead = max(2 * options.batch_size, 2 * options.connections * options.window)
+        rate = config.limits.rate.per_second if config.limits.rate else None
+        if rate:  # a claim older than lease/2 is given back unsent: claim no more than lease/8 of sending
+            self.queue_ahead = min(
+                self.queue_ahead, max(2 * options.connections * options.window, int(rate * options.lease / 8))
+            )
         self.claimed = 0
+        self.claimed_at = 0.0
         self.send_time = SendTimeRules(config)
+        # rows locked by a worker still claiming are skipped, not waited for (PostgreSQL)
+        self.lock_clause = " FOR UPDATE OF d SKIP LOCKED" if engine.dialect.name == "postgresql" else ""
+        # a worker that died mid-batch leaves claims that a live one takes over after the lease
+        self.takeover_every = max(1.0, min(30.0, options.lease / 4))
+        self.last_takeover = time.monotonic()
 
     def run(self) -> None:
         state, options = self.state, self.options
         while not state.stopping:
             if options.max_messages is not None and self.claimed >= options.max_messages:
                 return
-            limit = (
-                options.batch_size
-                if options.max_messages is None
-                else min(options.batch_size, options.max_messages - self.claimed)
-            )
+            limit = min(options.batch_size, self.queue_ahead)
+            if options.max_messages is not None:
+                limit = min(limit, options.max_messages - self.claimed)
             self._wait_for_room()
-            rows = self._select_due(limit)
+            self._take_over()
+            rows = self._claim_due(limit)
             if not rows:
-                if state.outstanding > 0:  # results still to come may be retries due soon
-                    self._sleep(0.02)
+                if state.outstanding > 0 or self._others_sending():  # results to come may be retries
+                    self._sleep(0.02 if state.outstanding > 0 else 0.5)
                     continue
                 wait = self._seconds_to_next_retry()
                 if wait is None or wait > options.wait_for_retries:
@@ -100,6 +119,36 @@ class Producer:
         while not self.state.fatal and time.monotonic() < deadline:
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
+    def _take_over(self, force: bool = False) -> None:
+        """Every ``takeover_every`` seconds: requeue the claims of workers that are gone (lease
+        expired, or their process on this host dead), so that a live claimer sends them."""
+        if not force and time.monotonic() - self.last_takeover < self.takeover_every:
+            return
+        self.last_takeover = time.monotonic()
+        lease, now = self.options.lease, self.state.clock()
+        self.state.count("requeued_interrupted", requeue_interrupted(self.engine, lease=lease, now=now))
+
+    def _others_sending(self) -> bool:
+        """Whether to wait for rows a sibling (another mapped task of this DAG run) holds in
+        ``sending``: until they are done or their lease expires, so that a dead sibling's claims are
+        taken over and sent in this run. Other runs' claims are left to them (or a later run)."""
+        if self.options.max_messages is not None or not is_mapped(self.options.worker_id):
+            return False
+        with self.engine.connect() as conn:
+            claims = conn.execute(
+                text(
+                    "SELECT claimed_by, MIN(claimed_at) FROM deliveries "
+                    "WHERE status = 'sending' AND claimed_by <> :me GROUP BY claimed_by"
+                ),
+                {"me": self.state.run_token},
+            ).all()
+        siblings = [oldest for by, oldest in claims if sibling_of(self.options.worker_id, by or "")]
+        if not siblings:
+            return False
+        expired = min(oldest or 0.0 for oldest in siblings) + self.options.lease <= self.state.clock()
+        self._take_over(force=expired)
+        return True
+
     def _scope(self) -> tuple[str, dict[str, Any]]:
         """Rows of enabled campaigns past their not_before (controls.due_scope), of the interval if any."""
         scope, params = due_scope(self.engine, self.config, self.state.clock())
@@ -114,28 +163,79 @@ class Producer:
 
     def due_rows(self, limit: int) -> list[Row]:
         """The rows :meth:`run` would take next, unclaimed (what a dry run reports on)."""
-        return self._select_due(limit)
+        rows = self._select_due(limit)
+        for row in rows:
+            del row["prev_claimed_at"], row["prev_claimed_by"]
+        return rows
 
-    def _select_due(self, limit: int) -> list[Row]:
-        """The next due rows, with their recipient's columns and their event, as plain dicts."""
+    def _select_due(self, limit: int, conn: Connection | None = None, lock: str = "") -> list[Row]:
+        """The next due rows, with their recipient's columns, their event and their claim
+        (``prev_claimed_at``, ``prev_claimed_by``), as plain dicts."""
         scope, params = self._scope()
         recipient_columns = ", ".join(f'r."{c}" AS "r_{c}"' for c in RECIPIENT_COLUMNS)
         sql = driver_sql(
             self.engine,
             f"""SELECT d.delivery_id, d.campaign_id, d.recipient_id, d.email, d.event_id, d.event_time, d.attempts,
-                       {recipient_columns}, e.trigger_id AS e_trigger_id, e.payload AS e_payload
+                       {recipient_columns}, e.trigger_id AS e_trigger_id, e.payload AS e_payload,
+                       d.claimed_at AS prev_claimed_at, d.claimed_by AS prev_claimed_by
                 FROM deliveries d
                 LEFT JOIN recipients r ON r.recipient_id = d.recipient_id
                 LEFT JOIN pipeline_events e ON e.event_id = d.event_id
                 WHERE d.status = 'pending'
                   AND (d.attempts = 0 OR d.claimed_at IS NULL OR d.claimed_at <= :now - ({self.backoff_sql})){scope}
                 ORDER BY d.decided_at, d.event_time, d.delivery_id
-                LIMIT :limit""",
+                LIMIT :limit{lock}""",
         )
-        with self.engine.connect() as conn:  # the driver's rows: SQLAlchemy's mappings cost ~20 µs a row here
-            result = conn.exec_driver_sql(sql, {"now": self.state.clock(), "limit": limit, **params})
-            names = list(result.keys())
-            return [dict(zip(names, row, strict=True)) for row in result.cursor.fetchall()]
+        args = {"now": self.state.clock(), "limit": limit, **params}
+        if conn is None:
+            with (
+                self.engine.connect() as own
+            ):  # the driver's rows: SQLAlchemy's mappings cost ~20 µs a row here
+                result = own.exec_driver_sql(sql, args)
+                names = list(result.keys())
+                return [dict(zip(names, row, strict=True)) for row in result.cursor.fetchall()]
+        result = conn.exec_driver_sql(sql, args)
+        names = list(result.keys())
+        return [dict(zip(names, row, strict=True)) for row in result.cursor.fetchall()]
+
+    def _claim_due(self, limit: int) -> list[Row]:
+        """Claim the next due rows (``sending``, attempts + 1) and return them (``attempts`` as
+        before the claim). On PostgreSQL the rows are locked as they are selected, in the claim's
+        transaction, and rows another worker is claiming are skipped: concurrent claimers get
+        disjoint rows. On SQLite (one worker) the read comes first, then the claim in a write
+        transaction of its own (a WAL read snapshot that went stale cannot become a write)."""
+        now = self.state.clock()
+        if self.lock_clause:
+            with self.engine.begin() as conn:
+                rows = self._select_due(limit, conn, self.lock_clause)
+                claimed = self._mark_claimed(conn, rows, now)
+        else:
+            rows = self._select_due(limit)
+            with self.engine.begin() as conn:
+                claimed = self._mark_claimed(conn, rows, now)
+        # only without row locks (SQLite) can another process have claimed a row in between
+        self.state.count("lost_claim_race", len(rows) - len(claimed))
+        self.claimed_at = now
+        return [row for row in rows if row["delivery_id"] in claimed]
+
+    def _mark_claimed(self, conn: Connection, rows: list[Row], now: float) -> set[str]:
+        if not rows:
+            return set()
+        result = conn.execute(
+            update(deliveries)
+            .where(
+                deliveries.c.status == "pending",
+                deliveries.c.delivery_id.in_([row["delivery_id"] for row in rows]),
+            )
+            .values(
+                status="sending",
+                claimed_by=self.state.run_token,
+                claimed_at=now,
+                attempts=deliveries.c.attempts + 1,
+            )
+            .returning(deliveries.c.delivery_id)
+        )
+        return set(result.scalars())
 
     def _seconds_to_next_retry(self) -> float | None:
         scope, params = self._scope()
@@ -148,71 +248,105 @@ class Producer:
 
     def _prepare(self, rows: list[Row], limit: int) -> Iterator[list[Job]]:
         """Render (in the render processes while eligibility is re-checked here); then for each
-        rendered part, in one transaction: suppress, fail, claim the rest; yields the claimed jobs."""
-        closed: list[dict[str, Any]] = []  # status changes that are not a claim
-        holds = self.send_time.holds(rows, self.state.clock())
-        hold_until(self.engine, holds.held)  # outside its send window: pending until it opens
-        self.state.count("held_send_window", len(holds.held))
-        closed += [{"id": d, "status": "suppressed", "reason": EXPIRED} for d in holds.expired]
-        waiting = holds.expired | set(holds.held)
-        known = [row for row in rows if row["delivery_id"] not in waiting]
-        parts = self.renderer.parts(known, limit)
-        with self.engine.connect() as conn:
-            reasons = recheck_eligibility(conn, self.config, known)
-            eligibility = dict(zip((row["delivery_id"] for row in known), reasons, strict=True))
-        if not known:
-            self._claim({}, {}, closed)
-        for part, outcomes in parts:
-            rendered = _sendable(part, outcomes, eligibility, closed)
-            attempts = {row["delivery_id"]: int(row["attempts"]) + 1 for row in part}
-            yield self._claim(rendered, attempts, closed)
-            closed = []
+        rendered part, in one transaction: suppress, fail, hold (claims undone); yields the jobs.
+        Rows not handled when this stops early (an error) are given back, their claim undone."""
+        previous = {
+            row["delivery_id"]: (row.pop("prev_claimed_at"), row.pop("prev_claimed_by"), row["campaign_id"])
+            for row in rows
+        }
+        unhandled = set(previous)
+        try:
+            closed: list[dict[str, Any]] = []  # status changes that are not a send
+            holds = self.send_time.holds(rows, self.state.clock())
+            self.state.count("held_send_window", len(holds.held))
+            closed += [{"id": d, "status": "suppressed", "reason": EXPIRED} for d in holds.expired]
+            closed += [
+                {"id": d, "status": "pending", "reason": None, "until": u} for d, u in holds.held.items()
+            ]
+            waiting = holds.expired | set(holds.held)
+            known = [row for row in rows if row["delivery_id"] not in waiting]
+            parts = self.renderer.parts(known, limit)
+            with self.engine.connect() as conn:
+                reasons = recheck_eligibility(conn, self.config, known)
+                eligibility = dict(zip((row["delivery_id"] for row in known), reasons, strict=True))
+            if not known:
+                self._close(closed, previous)
+                unhandled.clear()
+            for part, outcomes in parts:
+                rendered = _sendable(part, outcomes, eligibility, closed)
+                attempts = {row["delivery_id"]: int(row["attempts"]) + 1 for row in part}
+                campaigns = {row["delivery_id"]: row["campaign_id"] for row in part}
+                self._close(closed, previous)
+                unhandled -= {c["id"] for c in closed}
+                unhandled -= {row["delivery_id"] for row in part}
+                closed = []
+                yield self._jobs(rendered, attempts, campaigns)
+        finally:
+            if unhandled:
+                self._close(
+                    [{"id": d, "status": "pending", "reason": None, "until": None} for d in unhandled],
+                    previous,
+                )
 
-    def _claim(
-        self, rendered: dict[str, RenderedEmail], attempts: dict[str, int], closed: list[dict[str, Any]]
-    ) -> list[Job]:
-        """In one transaction: record the suppressed and failed rows, claim the rendered ones."""
-        state = self.state
-        now = state.clock()
-        claimed: set[str] = set()
-        if closed or rendered:
-            with self.engine.begin() as conn:
-                if closed:
-                    conn.execute(
-                        text(
-                            "UPDATE deliveries SET status = :status, reason = :reason "
-                            "WHERE delivery_id = :id AND status = 'pending'"
-                        ),
-                        [{"id": c["id"], "status": c["status"], "reason": c["reason"]} for c in closed],
-                    )
-                if rendered:
-                    result = conn.execute(
-                        update(deliveries)
-                        .where(deliveries.c.status == "pending", deliveries.c.delivery_id.in_(list(rendered)))
-                        .values(
-                            status="sending",
-                            claimed_by=state.run_token,
-                            claimed_at=now,
-                            attempts=deliveries.c.attempts + 1,
-                        )
-                        .returning(deliveries.c.delivery_id)
-                    )
-                    claimed = set(result.scalars())
+    def _close(self, closed: list[dict[str, Any]], previous: dict[str, tuple[Any, Any, str]]) -> None:
+        """In one transaction: the claimed rows that do not go now get their status (suppressed,
+        failed, or pending again with their send window's opening), their claim undone, and the
+        suppressed and failed ones are counted per campaign for the status view."""
+        if not closed:
+            return
+        counted: Counter[tuple[str, str]] = Counter()
         for change in closed:
+            if change["status"] == "pending":
+                continue
             key = (
                 change["status"]
                 if change["status"] != "suppressed"
-                else f"suppressed_{change['reason'].split(':')[0]}"
+                else f"{SUPPRESSED}{change['reason'].split(':')[0]}"
             )
-            state.count("render_failed" if change["status"] == "failed" else key)
-        self.claimed += len(claimed)
+            counted[(previous[change["id"]][2], key)] += 1
+        with self.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "UPDATE deliveries SET status = :status, reason = COALESCE(:reason, reason), "
+                    "not_before = COALESCE(:until, not_before), claimed_at = :prev_at, claimed_by = :prev_by, "
+                    "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END "
+                    "WHERE delivery_id = :id AND status = 'sending' AND claimed_by = :me"
+                ),
+                [
+                    {
+                        "id": c["id"],
+                        "status": c["status"],
+                        "reason": c["reason"],
+                        "until": c.get("until"),
+                        "prev_at": previous[c["id"]][0],
+                        "prev_by": previous[c["id"]][1],
+                        "me": self.state.run_token,
+                    }
+                    for c in closed
+                ],
+            )
+            add_counts(conn, self.state.clock(), counted)
+        for (_, key), n in counted.items():
+            self.state.count("render_failed" if key == "failed" else key, n)
+
+    def _jobs(
+        self, rendered: dict[str, RenderedEmail], attempts: dict[str, int], campaigns: dict[str, str]
+    ) -> list[Job]:
+        """The claimed, rendered, eligible rows as jobs, round-robin over recipient domains."""
+        state = self.state
+        self.claimed += len(rendered)
         with state.lock:
-            state.outstanding += len(claimed)
-        state.count("lost_claim_race", len(rendered) - len(claimed))
+            state.outstanding += len(rendered)
         jobs = [
-            Job(d, rendered[d], attempts[d], now, rendered[d].envelope_to.rpartition("@")[2])
+            Job(
+                d,
+                rendered[d],
+                attempts[d],
+                self.claimed_at,
+                rendered[d].envelope_to.rpartition("@")[2],
+                campaigns[d],
+            )
             for d in rendered
-            if d in claimed
         ]
         return _interleave_domains(jobs)
 

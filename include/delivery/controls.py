@@ -23,6 +23,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Connection, Engine, text
 
 from include.config import Campaign, TriggersConfig
+from include.database.hourly import SUPPRESSED, add_counts
 from include.database.sql import in_list, list_param
 from include.delivery.windows import UTC_ZONE, Window, next_opening, parse_window, zone_or_default
 from include.errors import ConfigError
@@ -97,18 +98,6 @@ class SendTimeRules:
         return found
 
 
-def hold_until(engine: Engine, held: Mapping[str, float]) -> None:
-    """Record when each held pending row is due (its window's next opening)."""
-    if held:
-        with engine.begin() as conn:
-            conn.execute(
-                text(
-                    "UPDATE deliveries SET not_before = :until WHERE delivery_id = :id AND status = 'pending'"
-                ),
-                [{"id": delivery_id, "until": until} for delivery_id, until in held.items()],
-            )
-
-
 def waiting_by_campaign(conn: Connection, config: TriggersConfig) -> dict[str, dict[str, Any]]:
     """Every campaign (configured or with pending emails): its state (``enabled``, ``disabled``,
     ``removed``) and its pending emails, of which ``held_until_window`` wait for a send window."""
@@ -160,7 +149,8 @@ def cancel_pending(engine: Engine, config: TriggersConfig, campaign_id: str) -> 
             ),
             {"reason": CANCELLED, "campaign": campaign_id},
         )
-    cancelled = int(result.rowcount or 0)
+        cancelled = int(result.rowcount or 0)
+        add_counts(conn, time.time(), {(campaign_id, f"{SUPPRESSED}{CANCELLED}"): cancelled})
     if campaign is None and cancelled == 0:  # most likely a typo: say so rather than "0 cancelled"
         raise ConfigError(
             f"no campaign {campaign_id!r} in the configuration and no pending email of it; "

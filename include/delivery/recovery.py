@@ -1,8 +1,11 @@
 """Recovery of interrupted claims: rows left in ``sending`` by a worker that is gone.
 
 A run claims rows under a token ``worker_id|host|pid|nonce`` (:func:`registered_run`). A later
-run gives a claim back to ``pending`` once its worker is known dead (same host and its process
-is gone, or this process and no longer running) or its lease expired (SPEC section 7).
+run, or a running one of another worker (every ``lease/4`` seconds, at most 30:
+:class:`~include.delivery.claims.Producer`), gives a claim back to ``pending`` once its worker is
+known dead (same host and its process is gone, or this process and no longer running) or its
+lease expired (SPEC section 7). Worker hosts must have distinct host names: the process check
+trusts a claim's host name.
 """
 
 from __future__ import annotations

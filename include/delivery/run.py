@@ -29,11 +29,14 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
+from dataclasses import replace
 
 from sqlalchemy import Engine
 
 from include.bounces.verp import bounce_address_template
 from include.config import TriggersConfig
+from include.delivery import pool
 from include.delivery.claims import Producer
 from include.delivery.controls import report_waiting
 from include.delivery.options import DeliveryOptions
@@ -52,6 +55,8 @@ from include.delivery.sender import Sender
 from include.delivery.smtp import SmtpSession, SmtpSettings
 from include.delivery.state import STOP, RunState
 from include.errors import SmtpUnavailableError
+from include.runtime import progress_logged
+from include.staging.backlog import due_emails
 from include.suppressions.unsubscribe import unsubscribe_secret
 
 log = logging.getLogger(__name__)
@@ -102,15 +107,22 @@ def deliver_pending(
     # TRIGGERS_BOUNCE_ADDRESS (VERP), checked here before anything is claimed, wins over from_email
     verp = bounce_address_template() is not None
     envelope_from = normalize_email(smtp.from_email) if smtp.from_email and not verp else None
+    first = SmtpSession(smtp, envelope_from, lambda key: None)
+    options, far = _sized(options, first, config)
     with registered_run(options.worker_id) as run_token:
-        state = RunState(options, run_token)
-        _coordinate(
-            engine,
-            config,
-            state,
-            renderer,
-            [SmtpSession(smtp, envelope_from, state.count) for _ in range(options.connections)],
-        )
+        state = RunState(options, run_token, far=far)
+        first.count = state.count
+        sessions = [first] + [
+            SmtpSession(smtp, envelope_from, state.count) for _ in range(options.connections - 1)
+        ]
+        with progress_logged(
+            log,
+            "deliver",
+            "messages",
+            *_progress_of(state),
+            total=due_emails(engine, state.clock(), options.interval),
+        ):
+            _coordinate(engine, config, state, renderer, sessions)
     counts = {k: v for k, v in sorted(state.counts.items()) if v}
     counts.update(report_waiting(engine, config))  # switched-off and removed campaigns' emails wait
     log.info("delivery %s: %s", options.worker_id, counts)
@@ -120,6 +132,52 @@ def deliver_pending(
             raise type(error)(f"{error} (counts so far: {counts})") from None
         raise error
     return counts
+
+
+def _sized(
+    options: DeliveryOptions, first: SmtpSession, config: TriggersConfig
+) -> tuple[DeliveryOptions, bool]:
+    """The options with the pool and window sized (:mod:`~include.delivery.pool`) where they are
+    0, from the round trip ``first`` measures (its connection is kept); whether the relay is far."""
+    if options.connections and options.window:
+        return options, False
+    if first.settings.max_connections:  # the relay's own cap (smtp_default extra max_connections)
+        options = replace(options, max_connections=first.settings.max_connections)
+    round_trip = pool.measure(first)
+    sessions = first.client is not None
+    rate = config.limits.rate.per_second if config.limits.rate else None
+    chosen = pool.plan(
+        options,
+        round_trip,
+        pipelining=sessions and first.client.has_extn("pipelining"),  # type: ignore[union-attr]
+        chunking=sessions and first.chunking,
+        rate=rate,
+    )
+    log.info(
+        "delivery %s: %d SMTP session(s), window %d (relay round trip %s)",
+        options.worker_id,
+        chosen.connections,
+        chosen.window,
+        "unknown" if round_trip is None else f"{round_trip * 1000:.1f} ms",
+    )
+    return pool.planned_options(options, chosen), chosen.far
+
+
+def _progress_of(state: RunState) -> tuple[Callable[[], int], Callable[[], int | None], Callable[[], str]]:
+    """What a progress line reads (counts the recorder keeps): messages done (sent or failed), left
+    before ``max_messages`` (None without a cap), and those retried and in flight."""
+    cap = state.options.max_messages
+
+    def done() -> int:
+        return state.counts["sent"] + state.counts["failed"]
+
+    def remaining() -> int | None:
+        return None if cap is None else cap - done()
+
+    def detail() -> str:
+        return f"{state.counts['retried']:,} retried, {state.outstanding:,} in flight"
+
+    return done, remaining, detail
 
 
 def _coordinate(
@@ -132,7 +190,9 @@ def _coordinate(
     """Start the recorder and one sender per session, produce here; on the way out, every claim
     not handed to a connection is given back and every result recorded."""
     rate = config.limits.rate
-    limiter = RateLimiter(rate.per_second if rate else None, rate.per_domain_per_second if rate else None)
+    limiter = RateLimiter(  # shared by every worker through the rate_limits table
+        engine, rate.per_second if rate else None, rate.per_domain_per_second if rate else None
+    )
     recorder = threading.Thread(target=Recorder(engine, state).run, name="delivery-recorder", daemon=True)
     senders = [
         threading.Thread(
@@ -141,7 +201,8 @@ def _coordinate(
         for i, session in enumerate(sessions)
     ]
     switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(min(switch_interval, SWITCH_INTERVAL))
+    if not state.far:  # far, dozens of threads wait on round trips: fast hand-overs only cost CPU
+        sys.setswitchinterval(min(switch_interval, SWITCH_INTERVAL))
     recorder.start()
     for sender in senders:
         sender.start()
@@ -167,7 +228,10 @@ def _coordinate(
 # ---------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--connections", type=int, default=int(os.environ.get("TRIGGERS_SMTP_CONNECTIONS", "2"))
+        "--connections",
+        type=int,
+        default=int(os.environ.get("TRIGGERS_SMTP_CONNECTIONS", "0")),
+        help="SMTP sessions (default TRIGGERS_SMTP_CONNECTIONS, else 0: sized from the rate and the relay's round trip)",
     )
     parser.add_argument("--max-messages", type=int, default=None, help="stop after claiming this many")
     parser.add_argument("--worker-id", default="cli")

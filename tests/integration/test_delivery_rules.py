@@ -13,7 +13,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from include.delivery.hook import PipeliningSmtpHook
-from include.delivery.ratelimit import RateLimiter
 from include.delivery.recovery import _claim_is_orphaned
 from include.delivery.smtp import SmtpSettings, _dot_stuffed
 from include.errors import SmtpUnavailableError
@@ -64,15 +63,6 @@ def test_the_hook_is_the_providers_and_refuses_a_flag_it_would_misread() -> None
     ):  # the provider reads any non-empty string as true
         settings_of(connection(extra_dejson={"disable_ssl": True, "disable_tls": "false"}))
     assert settings_of(connection(extra_dejson={"disable_ssl": "true", "disable_tls": ""})).starttls
-
-
-def test_rate_limiter_spaces_slots_overall_and_per_domain() -> None:
-    limiter = RateLimiter(per_second=100, per_domain_per_second=10)
-    gmail = [limiter.reserve("gmail.com") for _ in range(3)]
-    other = limiter.reserve("yahoo.fr")
-    assert all(b - a >= 0.1 - 1e-9 for a, b in zip(gmail, gmail[1:], strict=False))  # 10/s for one domain
-    assert other - gmail[-1] >= 0.01 - 1e-9 and other < gmail[-1] + 0.1  # only the overall 100/s applies
-    assert RateLimiter().unlimited and RateLimiter().reserve("x") == 0.0
 
 
 def test_a_claim_is_orphaned_only_when_its_worker_is_surely_gone() -> None:
