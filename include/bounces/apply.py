@@ -36,6 +36,7 @@ from sqlalchemy import Connection, Engine, text
 
 from include.bounces.codes import is_hard_status
 from include.bounces.reports import MAX_TEXT, RecipientStatus, Report
+from include.database.hourly import add_counts
 from include.database.schema import mailbox_reports
 from include.database.sql import in_list, insert_for, list_param
 from include.errors import UnsubscribeTokenError
@@ -128,13 +129,15 @@ def _change(conn: Connection, report: Report, applied: Applied, now: float) -> N
     if applied.delivery_id is None:
         return
     if applied.outcome in ("hard_bounce", "bounced"):
-        conn.execute(
+        bounced = conn.execute(
             text(
                 "UPDATE deliveries SET status = 'bounced', reason = :reason "
-                "WHERE delivery_id = :id AND status = 'sent'"
+                "WHERE delivery_id = :id AND status = 'sent' RETURNING campaign_id"
             ),
             {"id": applied.delivery_id, "reason": f"bounced: {applied.detail}"[:MAX_TEXT]},
-        )
+        ).scalar_one_or_none()
+        if bounced is not None:  # the status view's count (hourly_counts), in the same transaction
+            add_counts(conn, now, {(bounced, "bounced"): 1})
     elif applied.outcome == "complaint":
         conn.execute(
             text("UPDATE deliveries SET reason = 'complaint' WHERE delivery_id = :id AND status = 'sent'"),

@@ -130,7 +130,14 @@ def read_ready_events(
     One index range per trigger of the frontier: from its ``low_time`` (or the backfill's
     interval) to where its hold ends, merged in time order by the database.
     """
-    columns = ["event_id", "trigger_id", "time_gmt", MC_ID, *(dimension_column(d) for d in config.dimensions)]
+    columns = [
+        "event_id",
+        "trigger_id",
+        "time_gmt",
+        "received_at",  # the status view's processing time (hourly_counts)
+        MC_ID,
+        *(dimension_column(d) for d in config.dimensions),
+    ]
     # byte order for ties on both databases, as Python compares. The row's physical address
     # (SQLite's rowid, PostgreSQL's ctid) lets the status update reach it without the key index.
     postgres = conn.dialect.name == "postgresql"
@@ -154,7 +161,7 @@ def read_ready_events(
     if postgres:  # its compound ORDER BY takes output columns only, not a collation
         ready = f"SELECT * FROM ({ready}) AS ready"
     sql = f"{ready} ORDER BY time_gmt, {tie_order} LIMIT :limit"
-    return read_frame(conn, sql, params, [*columns, "row_key"], floats=("time_gmt",))
+    return read_frame(conn, sql, params, [*columns, "row_key"], floats=("time_gmt", "received_at"))
 
 
 def _ready_arms(

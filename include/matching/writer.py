@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import Connection, Engine, text
 
+from include.database.hourly import NO_CAMPAIGN, SUPPRESSED, add_counts
 from include.database.schema import deliveries
 from include.database.sql import bulk_write, in_list, list_param, row_address_in
 from include.matching.decisions import delivery_ids
@@ -43,6 +44,25 @@ def write_batch(conn: Connection, events: pd.DataFrame, decisions: pd.DataFrame,
     matched = events["event_id"].isin(decisions["event_id"]).to_numpy(dtype=bool)
     _mark_events(conn, events[matched], "matched", decided_at)
     _mark_events(conn, events[~matched], "unmatched", decided_at)
+    add_counts(conn, decided_at, batch_counts(events, decisions, matched, decided_at))
+
+
+def batch_counts(
+    events: pd.DataFrame, decisions: pd.DataFrame, matched: np.ndarray, decided_at: float
+) -> dict[tuple[str, str], int]:
+    """The batch's counts for the status view (hourly_counts): events matched and unmatched,
+    their processing time in ms, and per campaign its decisions and suppressions by reason."""
+    counts = {(NO_CAMPAIGN, "matched"): int(matched.sum()), (NO_CAMPAIGN, "unmatched"): int((~matched).sum())}
+    if "received_at" in events:
+        waited = decided_at - events["received_at"].to_numpy(dtype=float)
+        counts[(NO_CAMPAIGN, "processed")] = len(events)
+        counts[(NO_CAMPAIGN, "processing_ms")] = int(round(float(waited.sum()) * 1000))
+    for campaign, number in decisions["campaign_id"].value_counts().items():
+        counts[(str(campaign), "decided")] = int(number)
+    suppressed = decisions[decisions["reason"].notna().to_numpy(dtype=bool)]
+    for (campaign, reason), number in suppressed.groupby(["campaign_id", "reason"]).size().items():
+        counts[(str(campaign), f"{SUPPRESSED}{reason}")] = int(number)
+    return counts
 
 
 def _mark_events(conn: Connection, events: pd.DataFrame, status: str, at: float) -> None:
@@ -112,7 +132,7 @@ class BatchWriter:
             return
         while len(self.written) >= 2:
             self._settle(self.written.popleft())
-        batch = events[["event_id", "row_key"]]
+        batch = events[[c for c in ("event_id", "row_key", "received_at") if c in events]]
         self.written.append(self.process.submit(_write_in_process, batch, decisions, decided_at))
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from sqlalchemy.exc import DBAPIError
 
 from include.adobe.auth import without_credentials
 from include.config import TriggersConfig
+from include.database.hourly import NO_CAMPAIGN, add_counts
 from include.database.schema import events_table, pipeline_state
 from include.database.sql import bulk_write, insert_for
 from include.errors import PositionMovedError
@@ -83,6 +85,7 @@ class Stager:
         try:
             with self.engine.begin() as conn:
                 staged = bulk_write(conn, self.table, page.columns, page.rows())
+                count_staged(conn, page, staged, 0)
                 if then is not None:
                     then(conn, staged, 0)
             return staged, 0
@@ -92,6 +95,7 @@ class Stager:
             log.warning("the database refused a batch (%s); writing it row by row", _message(error))
         with self.engine.begin() as conn:
             staged, refused = self.write_rows(conn, page)
+            count_staged(conn, page, staged, refused)
             if then is not None:
                 then(conn, staged, refused)
         return staged, refused
@@ -171,6 +175,17 @@ class Stager:
                 update(pipeline_state).where(pipeline_state.c.consumer == self.consumer).values(position=None)
             )
         self.read_position = None
+
+
+def count_staged(conn: Connection, page: ParsedPage, staged: int, refused: int) -> None:
+    """The page's counts for the status view, in the transaction that stores it (hourly_counts)."""
+    counts = {
+        (NO_CAMPAIGN, "received"): page.count,
+        (NO_CAMPAIGN, "staged"): staged,
+        (NO_CAMPAIGN, "quarantined"): page.quarantined + refused,
+        (NO_CAMPAIGN, "ignored"): page.ignored,
+    }
+    add_counts(conn, time.time(), counts)
 
 
 # SQLSTATE classes of a refused value: data exception, integrity constraint, program limit
