@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, func, select
 
 from include.database.hourly import HOUR, NO_CAMPAIGN, SUPPRESSED, first_counted_hour, hour_number, hour_of
-from include.database.schema import deliveries, events_table, hourly_counts
+from include.database.schema import deliveries, events_table, hourly_counts, suppressions
 from include.database.sql import bulk_write
 
 Counted = dict[tuple[float, str, str], int]  # (hour, campaign_id, name) -> n
@@ -74,12 +74,17 @@ def _decisions(conn: Connection, end: float, counted: Counted) -> None:
             counted[(at, campaign, f"{SUPPRESSED}{reason or 'unspecified'}")] += int(n)
 
 
+_hard_bounce_sources = select(suppressions.c.source).where(suppressions.c.reason == "hard_bounce")
+
+
 def _emails(conn: Connection, end: float, counted: Counted) -> None:
     c = deliveries.c
     outcomes: list[tuple[str, Any, Any]] = [
         ("sent", c.sent_at, c.status.in_(("sent", "bounced"))),
         ("bounced", c.sent_at, c.status == "bounced"),
         ("failed", c.claimed_at, c.status == "failed"),
+        # a hard bounce at send time: failed, and its address suppressed with the delivery as source
+        ("bounced", c.claimed_at, and_(c.status == "failed", c.delivery_id.in_(_hard_bounce_sources))),
     ]
     for name, column, condition in outcomes:
         hour = hour_number(column)

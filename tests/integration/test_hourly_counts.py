@@ -16,7 +16,7 @@ from sqlalchemy.exc import OperationalError
 
 from include.config import TriggersConfig
 from include.database.hourly import HOUR, NO_CAMPAIGN, add_counts, hour_of
-from include.database.schema import deliveries, hourly_counts
+from include.database.schema import deliveries, hourly_counts, suppressions
 from include.database.sql import bulk_write
 from include.delivery.controls import cancel_pending
 from include.delivery.options import DeliveryOptions
@@ -252,6 +252,7 @@ def test_rollup_counts_the_hours_before_counting_began_once(engine: Engine) -> N
         ("d1", "cart", "e0", start, start + 2, "sent", None, start + 10, start + 11),
         ("d2", "cart", "e1", start, start + 2, "suppressed", "opted_out", None, None),
         ("d3", "browse", "e1", start, start + 2, "failed", "smtp_rejected", start + 3600, None),
+        ("d4", "browse", "e0", start, start + 2, "failed", "smtp_rejected", start + 3600, None),  # 5.1.1
     ]
     with engine.begin() as conn:
         columns = ["event_id", "position", "consumer", "trigger_id", "time_gmt", "received_at", "status"]
@@ -263,13 +264,20 @@ def test_rollup_counts_the_hours_before_counting_began_once(engine: Engine) -> N
             + ["claimed_at", "sent_at", "attempts"],
             [(*row, 1) for row in emails],
         )
+        bulk_write(
+            conn,
+            suppressions,
+            ["email", "campaign_id", "reason", "source", "created_at"],
+            [("gone@example.org", "", "hard_bounce", "d4", start + 3600)],
+        )
         add_counts(conn, start + 3 * HOUR, {(NO_CAMPAIGN, "staged"): 7})  # counting began here
     assert roll_up_uncounted_hours(engine, "customer_dev") > 0
     counted = totals(engine)
     assert counted[(NO_CAMPAIGN, "staged")] == 5 + 7 and counted[(NO_CAMPAIGN, "matched")] == 2
     assert counted[(NO_CAMPAIGN, "quarantined")] == counted[(NO_CAMPAIGN, "ignored")] == 1
     assert counted[("cart", "decided")] == 2 and counted[("cart", "suppressed_opted_out")] == 1
-    assert counted[("cart", "sent")] == 1 and counted[("browse", "failed")] == 1
+    assert counted[("cart", "sent")] == 1 and counted[("browse", "failed")] == 2
+    assert counted[("browse", "bounced")] == 1  # a hard bounce at send time, as the recorder counts it
     assert roll_up_uncounted_hours(engine, "customer_dev") == 0  # once
     assert totals(engine) == counted
     status = pipeline_status(engine, "customer_dev", days=1)
