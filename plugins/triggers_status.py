@@ -12,7 +12,10 @@ An Airflow 3 plugin with two parts:
 
 Both read ``TRIGGERS_DB_URL`` and ``TRIGGERS_CONFIG`` at request time — importing this file
 never touches a database — and both need a signed-in Airflow user (the UI's session cookie or
-an API bearer token). Nothing secret is shown: no connection, key or token is ever read here.
+an API bearer token) whom Airflow's auth manager lets read the ``triggers_pipeline`` DAG's runs
+(403 otherwise). Links (the nav entry, each run's DAG run page) carry the path of ``[api]
+base_url``, so they work when Airflow is served under a sub-path. Nothing secret is shown: no
+connection, key or token is ever read here.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import time
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -33,6 +37,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 URL_PREFIX = "/triggers"
 TEMPLATE = "triggers_status.html.j2"
+DAG_ID = "triggers_pipeline"  # the DAG whose read permission the view asks for, and whose runs it links
 REFRESH_SECONDS = 30
 CACHE_SECONDS = 15  # viewers and auto-refreshes within this share one set of queries
 CHART_WIDTH, CHART_HEIGHT, CHART_LEFT, CHART_BOTTOM = 760, 200, 48, 24
@@ -44,7 +49,7 @@ _templates = Environment(
 )
 
 
-async def require_signed_in(request: Request) -> None:
+async def require_signed_in(request: Request) -> Any:
     """The Airflow user behind the request: the UI's cookie or an ``Authorization: Bearer``.
 
     Airflow's security module is imported here, at request time: this plugin is loaded by
@@ -59,7 +64,49 @@ async def require_signed_in(request: Request) -> None:
         if scheme.lower() == "bearer" and credentials
         else request.cookies.get(COOKIE_NAME_JWT_TOKEN)
     )
-    await resolve_user_from_token(token)
+    return await resolve_user_from_token(token)
+
+
+async def require_dag_read(user: Annotated[Any, Depends(require_signed_in)]) -> None:
+    """A signed-in user whom the auth manager lets read the runs of ``DAG_ID``, else 403."""
+    from fastapi.concurrency import run_in_threadpool
+
+    if not await run_in_threadpool(may_read_dag_runs, user):
+        raise HTTPException(403, f"your Airflow user may not read the DAG {DAG_ID}")
+
+
+def may_read_dag_runs(user: Any) -> bool:
+    """``is_authorized_dag(GET, RUN, DAG_ID)`` of the configured auth manager (simple, FAB,
+    Keycloak...); in multi-team mode with the DAG's team, as Airflow's own routes ask."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+    from airflow.configuration import conf
+
+    team = None
+    if conf.getboolean("core", "multi_team", fallback=False):
+        from airflow.models.dag import DagModel
+
+        team = DagModel.get_team_name(DAG_ID)
+    return get_auth_manager().is_authorized_dag(
+        method="GET",
+        access_entity=DagAccessEntity.RUN,
+        details=DagDetails(id=DAG_ID, team_name=team),
+        user=user,
+    )
+
+
+def airflow_base_path() -> str:
+    """The path of ``[api] base_url`` ending in ``/`` (``/`` when Airflow is served at the root)."""
+    from include.operations.links import configured_base_url
+
+    return urlsplit(configured_base_url()).path.rstrip("/") + "/"
+
+
+def dag_run_path(run_id: str) -> str:
+    """The Airflow 3 UI page of a run of ``DAG_ID`` (the alerts link to the same page)."""
+    from include.operations.links import dag_run_link
+
+    return dag_run_link(airflow_base_path(), run_id, DAG_ID)
 
 
 def _now() -> float:
@@ -82,8 +129,8 @@ _recent_lock = threading.Lock()
 def read_status(days: int) -> dict[str, Any]:
     """The status of the configured consumer, at most ``CACHE_SECONDS`` old, or ``{"error": ...}``.
 
-    The aggregates scan the chart's window (about a second per million staged events on
-    PostgreSQL): a short cache keeps the page's auto-refresh and many viewers from repeating them.
+    Each refresh runs a handful of small queries (per-hour counts, index ranges; no scan of the
+    staged events): the short cache only keeps many viewers and auto-refreshes from repeating them.
     """
     key = (os.environ.get("TRIGGERS_DB_URL", ""), os.environ.get("TRIGGERS_CONFIG", ""), days)
     with _recent_lock:
@@ -121,14 +168,30 @@ def _read_status(days: int) -> dict[str, Any]:
 
 
 @app.get("/status.json")
-def status_json(days: int = Query(3, ge=1, le=31), _user: None = Depends(require_signed_in)) -> JSONResponse:
+def status_json(days: int = Query(3, ge=1, le=31), _user: None = Depends(require_dag_read)) -> JSONResponse:
     status = read_status(days)
     return JSONResponse(status, status_code=503 if "error" in status else 200)
 
 
 @app.get("/status", response_class=HTMLResponse)
-def status_page(days: int = Query(3, ge=1, le=31), _user: None = Depends(require_signed_in)) -> HTMLResponse:
+def status_page(days: int = Query(3, ge=1, le=31), _user: None = Depends(require_dag_read)) -> HTMLResponse:
     return HTMLResponse(render_page(read_status(days), days))
+
+
+@app.get("/metrics")
+def prometheus_metrics(_user: None = Depends(require_dag_read)) -> Response:
+    """The last run's counts, lag and send rate in Prometheus' text format (the names:
+    include/operations/metrics.py); the same permission as the page (a scraper sends a bearer token)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from include.config import Settings
+    from include.operations.metrics import PROMETHEUS_CONTENT_TYPE, last_run, prometheus_text
+
+    try:
+        body = prometheus_text(last_run(_engine(Settings.from_env().db_url)))
+    except SQLAlchemyError:
+        return Response("cannot read the staging database (TRIGGERS_DB_URL)\n", status_code=503)
+    return Response(body, media_type=PROMETHEUS_CONTENT_TYPE)
 
 
 @app.api_route("/unsubscribe/{token}", methods=["GET", "HEAD", "POST"], response_class=HTMLResponse)
@@ -166,9 +229,12 @@ def _answer_unsubscribe(
 
 @app.exception_handler(HTTPException)
 async def _refused(request: Request, refused: HTTPException) -> Response:
-    """A person gets a page saying to sign in; an API client gets the usual JSON."""
+    """A person gets a page saying to sign in (401) or which permission to ask for (403); an API
+    client gets the usual JSON."""
     if request.url.path.endswith("/status"):
-        page = _templates.get_template(TEMPLATE).render(signed_out=True, detail=refused.detail)
+        page = _templates.get_template(TEMPLATE).render(
+            refused=refused.status_code, detail=refused.detail, base=airflow_base_path(), dag_id=DAG_ID
+        )
         return HTMLResponse(page, status_code=refused.status_code, headers=refused.headers)
     return await http_exception_handler(request, refused)
 
@@ -183,6 +249,8 @@ def render_page(status: dict[str, Any], days: int) -> str:
         refresh=REFRESH_SECONDS,
         chart=events_chart(status["events_per_hour"]),
         ago=lambda t: None if t is None else format_duration(now - t),
+        run_path=dag_run_path,
+        dag_id=DAG_ID,
     )
 
 
@@ -235,7 +303,7 @@ def events_chart(series: list[dict[str, Any]]) -> dict[str, Any]:
                 "events": point["events"],
             }
         )
-        if hour.hour == 0 or index == 0:
+        if hour.hour == 0 or (index == 0 and hour.hour <= 20):  # a first label clear of the next day's
             labels.append({"x": round(x, 2), "text": f"{hour:%b %d}" if hour.hour == 0 else f"{hour:%H}:00"})
     ticks = [
         {"y": round(12 + plot_height * (1 - fraction), 2), "text": f"{top * fraction:,.0f}"}
@@ -271,7 +339,7 @@ class TriggersStatusPlugin(AirflowPlugin):
     external_views = [
         {
             "name": "Triggers status",
-            "href": f"{URL_PREFIX}/status",
+            "href": f"{airflow_base_path()}{URL_PREFIX[1:]}/status",  # the iframe's src: under base_url
             "destination": "nav",
             "url_route": "triggers-status",  # shown inside the UI at /plugin/triggers-status
             "nav_top_level": True,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Engine, func, select
 
 from include.database.schema import pipeline_runs
 from include.database.sql import insert_for
-from include.staging.parser import IMPORTED_POSITION
+from include.staging.backlog import waiting_events
 
 StageCounts = dict[str, Any] | None  # None: the stage failed (or did not run) and left no counts
 
@@ -38,30 +38,44 @@ def run_counts(drained: StageCounts, matched: StageCounts, delivered: StageCount
     return counts
 
 
-def waiting_events(conn: Connection, consumer: str | None = None) -> tuple[int, float | None]:
-    """How many journal events wait for matching, and when the oldest was received (None: none).
-
-    Read per trigger from its frontier on (no index holds the status); imported events wait for
-    their backfill and are not counted.
-    """
-    sql = (
-        "SELECT count(*), min(e.received_at) FROM matching_frontier f JOIN pipeline_events e "
-        "ON e.trigger_id = f.trigger_id AND e.time_gmt >= f.low_time "
-        f"WHERE e.status = 'new' AND e.position <> '{IMPORTED_POSITION}'"
-    )
-    params = {}
-    if consumer is not None:
-        sql += " AND e.consumer = :consumer"
-        params["consumer"] = consumer
-    count, oldest = conn.execute(text(sql), params).one()
-    return int(count), None if oldest is None else float(oldest)
-
-
 def oldest_unprocessed_age(engine: Engine, now: float) -> float:
     """The lag: seconds since the oldest waiting journal event was received (0 when none)."""
     with engine.connect() as conn:
         _, oldest = waiting_events(conn)
     return round(max(0.0, now - oldest), 3) if oldest is not None else 0.0
+
+
+class LagBefore(NamedTuple):
+    """The recorded runs before one: the last one's lag and end, and when the runs above the
+    threshold began (the first of the latest series above it; None when the last was not above)."""
+
+    lag_seconds: float | None
+    finished_at: float | None
+    above_since: float | None
+
+
+def lag_before(engine: Engine, run_id: str, max_lag: float) -> LagBefore | None:
+    """What the runs recorded before ``run_id`` say about the lag (None: no run before)."""
+    runs = pipeline_runs.c
+    others = runs.run_id != run_id
+    with engine.connect() as conn:
+        last = conn.execute(
+            select(runs.lag_seconds, runs.finished_at)
+            .where(others)
+            .order_by(runs.finished_at.desc())
+            .limit(1)
+        ).first()
+        if last is None:
+            return None
+        if last.lag_seconds is None or last.lag_seconds <= max_lag:
+            return LagBefore(last.lag_seconds, last.finished_at, None)
+        last_below = conn.execute(
+            select(func.max(runs.finished_at)).where(others, runs.lag_seconds <= max_lag)
+        ).scalar()
+        first_above = select(func.min(runs.finished_at)).where(others, runs.lag_seconds > max_lag)
+        if last_below is not None:
+            first_above = first_above.where(runs.finished_at > last_below)
+        return LagBefore(last.lag_seconds, last.finished_at, conn.execute(first_above).scalar())
 
 
 def record_run(

@@ -1,18 +1,21 @@
 """The pipeline's status: what Campaign's ``/pipelined/status`` page answers (SPEC section 8).
 
-One function, :func:`pipeline_status`, reads a handful of aggregate queries and returns a
-plain dict (JSON-ready) that the Airflow UI view (``plugins/triggers_status.py``) and the
-``status`` command show. Two kinds of figures, labelled as such:
+One function, :func:`pipeline_status`, reads a handful of small queries and returns a plain
+dict (JSON-ready) that the Airflow UI view (``plugins/triggers_status.py``) and the ``status``
+command show. Three kinds of figures, labelled as such:
 
-* counters in ``pipeline_state`` — cumulative since the consumer first fetched: every event
-  received (duplicates included), quarantined, ignored, duplicate, requests retried;
-* counts over the events staged in the last ``days`` days (the chart's window; the default,
-  3, is the purge's retention): by status, processed (matched + unmatched), per hour — one
-  scan of that window — and, over every staged event, the journal events still waiting and
-  the lag (imported events wait for their backfill and are not counted).
+* counters in ``pipeline_state``: cumulative since the consumer first fetched (every event
+  received, duplicates included, quarantined, ignored, duplicate, requests retried);
+* counts per hour in ``hourly_counts``, kept by the writers as events are staged and decided
+  and emails recorded (:mod:`include.database.hourly`): the chart, the window's totals, the
+  average processing time and the per-campaign breakdown read a few hundred rows, whatever the
+  size of the staged table;
+* the present: events waiting for matching and the lag (from the matching frontier on), emails
+  pending (the ``status`` index), the suppression list, the recent runs.
 
-The chart counts distinct staged events per hour of **reception** (``received_at``), the
-pipeline's throughput; ``time_gmt`` is the shopper's time and may be hours old on a replay.
+Hours before counting began (a database upgraded to 0003 with events staged before) show as
+not counted: ``counting_since`` says from when, and ``status --rollup`` counts them once from
+the rows still staged (:mod:`include.operations.rollup`).
 """
 
 from __future__ import annotations
@@ -20,21 +23,37 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Integer, case, cast, func, inspect, select
+from sqlalchemy import Connection, Engine, func, inspect, select
 
 from include.adobe.auth import without_credentials
-from include.database.schema import deliveries, events_table, pipeline_runs, pipeline_state
-from include.operations.report import waiting_events
+from include.database.hourly import (
+    HOUR,
+    NO_CAMPAIGN,
+    SUPPRESSED,
+    first_counted_hour,
+    hour_of,
+    read_counts,
+)
+from include.database.schema import deliveries, pipeline_runs, pipeline_state
+from include.staging.backlog import waiting_events
 from include.suppressions.store import counts_by_reason
 
-EVENT_STATUSES = ("new", "matched", "unmatched", "ignored", "quarantined")
-PROCESSED_STATUSES = ("matched", "unmatched")
-DELIVERY_STATUSES = ("pending", "sending", "sent", "failed", "suppressed", "bounced")
+PROCESSED = ("matched", "unmatched")
+EVENT_COUNTS = ("matched", "unmatched", "ignored", "quarantined")
+EMAIL_COUNTS = ("sent", "failed", "bounced", "retried")
+CAMPAIGN_COUNTS = ("decided", "sent", "suppressed", "failed", "bounced", "retried")
 PROCESSING_WINDOW = 24 * 3600.0  # the average processing time is over the last day's events
 RECENT_RUNS = 10
-HOUR = 3600
+STATE_COUNTERS = {  # the status's name -> pipeline_state's counter
+    "received": "events_received",
+    "quarantined": "events_quarantined",
+    "ignored": "events_ignored",
+    "duplicate": "events_duplicate",
+    "requests_retried": "requests_retried",
+}
 
 
 def pipeline_status(
@@ -45,22 +64,25 @@ def pipeline_status(
     days: int = 3,
     recent_runs: int = RECENT_RUNS,
 ) -> dict[str, Any]:
-    """The consumer's status at ``now`` (unix seconds); zeros where nothing was staged yet."""
+    """The consumer's status at ``now`` (unix seconds); zeros where nothing was counted yet."""
     now = time.time() if now is None else float(now)
-    chart_start = (int(now) // HOUR - days * 24 + 1) * HOUR  # ``days`` x 24 whole hours, this one last
+    this_hour = hour_of(now)
+    chart_start = this_hour - (days * 24 - 1) * HOUR  # ``days`` x 24 whole hours, this one last
     with engine.connect() as conn:
         tables = set(inspect(conn).get_table_names())
         state = _state(conn, consumer) if "pipeline_state" in tables else {}
-        has_events = "pipeline_events" in tables
-        window = _window(conn, consumer, chart_start, now) if has_events else _window_empty()
+        counted = "hourly_counts" in tables
+        rows = read_counts(conn, chart_start, this_hour + HOUR) if counted else []
+        counting_since = first_counted_hour(conn) if counted else None
         # an older database gets the frontier at `db upgrade` (revision 0001)
         waiting, oldest_waiting = (
             waiting_events(conn, consumer) if "matching_frontier" in tables else (0, None)
         )
-        emails = _emails(conn) if "deliveries" in tables else _emails_empty()
+        unsent = _unsent(conn) if "deliveries" in tables else {"pending": 0, "sending": 0}
         runs = _recent_runs(conn, recent_runs) if "pipeline_runs" in tables else []
         suppressed = counts_by_reason(conn) if "suppressions" in tables else {}
-    by_status = window["by_status"]
+    window = _totals(rows, chart_start)
+    last_day = _totals(rows, this_hour - 23 * HOUR)
     return {
         "consumer": consumer,
         "generated_at": now,
@@ -69,29 +91,27 @@ def pipeline_status(
         ),  # rows stored before it was stripped
         "position": state.get("position"),
         "last_fetch_at": state.get("last_fetch_at"),
-        "events": {
-            "received": int(state.get("events_received") or 0),
-            "quarantined": int(state.get("events_quarantined") or 0),
-            "ignored": int(state.get("events_ignored") or 0),
-            "duplicate": int(state.get("events_duplicate") or 0),
-            "requests_retried": int(state.get("requests_retried") or 0),
-        },
+        "events": {name: int(state.get(column) or 0) for name, column in STATE_COUNTERS.items()},
         "staged": {
-            "since": float(chart_start),
-            "total": sum(by_status.values()),
-            "processed": sum(by_status.get(s, 0) for s in PROCESSED_STATUSES),
-            "by_status": by_status,
+            "since": chart_start,
+            "total": window.get("staged", 0),
+            "processed": sum(window.get(name, 0) for name in PROCESSED),
+            "by_status": {name: window.get(name, 0) for name in EVENT_COUNTS},
         },
-        "emails": emails,
+        "emails": {**unsent, **_emails(window)},
         "suppressions": {"total": sum(suppressed.values()), "by_reason": suppressed},
         "waiting": waiting,
         "lag_seconds": None if oldest_waiting is None else max(0.0, now - oldest_waiting),
-        "avg_processing_seconds": window["avg_processing_seconds"],
+        "avg_processing_seconds": (
+            last_day["processing_ms"] / 1000 / last_day["processed"] if last_day.get("processed") else None
+        ),
         "processing_window_seconds": PROCESSING_WINDOW,
-        "events_per_hour": [
-            {"hour": float(hour), "events": window["per_hour"].get(hour // HOUR, 0)}
-            for hour in range(chart_start, chart_start + days * 24 * HOUR, HOUR)
-        ],
+        "events_per_hour": _per_hour(rows, chart_start, days),
+        "by_campaign": {
+            "last_hour": _by_campaign(rows, this_hour - HOUR),
+            "last_day": _by_campaign(rows, this_hour - 23 * HOUR),
+        },
+        "counting_since": counting_since,
         "recent_runs": runs,
     }
 
@@ -101,68 +121,61 @@ def _state(conn: Connection, consumer: str) -> dict[str, Any]:
     return dict(row) if row else {}
 
 
-def _window_empty() -> dict[str, Any]:
-    return {"by_status": {s: 0 for s in EVENT_STATUSES}, "per_hour": {}, "avg_processing_seconds": None}
+def _totals(rows: list[tuple[float, str, str, int]], since: float) -> dict[str, int]:
+    """name -> the sum over every campaign of the hours from ``since`` on."""
+    totals: dict[str, int] = defaultdict(int)
+    for hour, _campaign, name, n in rows:
+        if hour >= since:
+            totals[name] += n
+    return dict(totals)
 
 
-def _window(conn: Connection, consumer: str, start: float, now: float) -> dict[str, Any]:
-    """Per hour and status: counts and processing times of the window's events, in one scan."""
-    events = events_table()
-    hour = hour_number(events.c.received_at).label("hour")
-    recent = events.c.processed_at >= now - PROCESSING_WINDOW
-    rows = conn.execute(
-        select(
-            hour,
-            events.c.status,
-            func.count(),
-            func.sum(case((recent, events.c.processed_at - events.c.received_at), else_=0.0)),
-            func.sum(case((recent, 1), else_=0)),
+def _emails(window: dict[str, int]) -> dict[str, Any]:
+    reasons = {name[len(SUPPRESSED) :]: n for name, n in window.items() if name.startswith(SUPPRESSED)}
+    return {
+        **{name: window.get(name, 0) for name in EMAIL_COUNTS},
+        "suppressed": sum(reasons.values()),
+        "suppressed_by_reason": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+    }
+
+
+def _per_hour(rows: list[tuple[float, str, str, int]], start: float, days: int) -> list[dict[str, float]]:
+    """Events staged (new rows: duplicates not counted) per hour of the chart."""
+    staged = {hour: n for hour, campaign, name, n in rows if name == "staged" and campaign == NO_CAMPAIGN}
+    hours = (start + index * HOUR for index in range(days * 24))
+    return [{"hour": hour, "events": staged.get(hour, 0)} for hour in hours]
+
+
+def _by_campaign(rows: list[tuple[float, str, str, int]], since: float) -> dict[str, Any]:
+    """Per campaign, from the hour starting at ``since``: decided, sent, suppressed (and by
+    reason), failed, bounced, retried; busiest campaign first."""
+    campaigns: dict[str, dict[str, Any]] = {}
+    for hour, campaign, name, n in rows:
+        if hour < since or campaign == NO_CAMPAIGN:
+            continue
+        counts = campaigns.setdefault(
+            campaign, {**{key: 0 for key in CAMPAIGN_COUNTS}, "suppressed_by_reason": {}}
         )
-        .where(events.c.consumer == consumer, events.c.received_at >= start)
-        .group_by(hour, events.c.status)
-    ).all()
-    result = _window_empty()
-    total_seconds, processed_recently = 0.0, 0
-    for hour, status, count, seconds, recent_count in rows:
-        result["by_status"][status] = result["by_status"].get(status, 0) + int(count)
-        result["per_hour"][int(hour)] = result["per_hour"].get(int(hour), 0) + int(count)
-        total_seconds += float(seconds or 0.0)
-        processed_recently += int(recent_count or 0)
-    if processed_recently:
-        result["avg_processing_seconds"] = total_seconds / processed_recently
-    return result
+        if name.startswith(SUPPRESSED):
+            reason = name[len(SUPPRESSED) :]
+            counts["suppressed_by_reason"][reason] = counts["suppressed_by_reason"].get(reason, 0) + n
+            counts["suppressed"] += n
+        elif name in counts:
+            counts[name] += n
+    ordered = sorted(campaigns.items(), key=lambda kv: (-kv[1]["decided"] - kv[1]["sent"], kv[0]))
+    return {"since": since, "campaigns": dict(ordered)}
 
 
-def hour_number(column: Any) -> Any:
-    """``floor(column / 3600)`` in SQL, the same on SQLite and PostgreSQL.
-
-    ``CAST(x AS INTEGER)`` truncates on SQLite but rounds on PostgreSQL; one step back where
-    the cast overshot makes both a floor, with no dialect-specific function.
-    """
-    rounded = cast(column / HOUR, Integer)
-    return rounded - case((rounded * HOUR > column, 1), else_=0)
-
-
-def _emails_empty() -> dict[str, Any]:
-    return {**{s: 0 for s in DELIVERY_STATUSES}, "suppressed_by_reason": {}}
-
-
-def _emails(conn: Connection) -> dict[str, Any]:
-    rows = conn.execute(
-        select(deliveries.c.status, deliveries.c.reason, func.count()).group_by(
-            deliveries.c.status, deliveries.c.reason
-        )
-    ).all()
-    result = _emails_empty()
-    for status, reason, count in rows:
-        result[status] = result.get(status, 0) + int(count)
-        if status == "suppressed":
-            key = reason or "unspecified"
-            result["suppressed_by_reason"][key] = result["suppressed_by_reason"].get(key, 0) + int(count)
-    result["suppressed_by_reason"] = dict(
-        sorted(result["suppressed_by_reason"].items(), key=lambda kv: -kv[1])
+def _unsent(conn: Connection) -> dict[str, int]:
+    """Emails pending and being sent now: a range of the ``status`` index, not a table scan."""
+    found = dict(
+        conn.execute(
+            select(deliveries.c.status, func.count())
+            .where(deliveries.c.status.in_(("pending", "sending")))
+            .group_by(deliveries.c.status)
+        ).all()
     )
-    return result
+    return {"pending": int(found.get("pending", 0)), "sending": int(found.get("sending", 0))}
 
 
 def _recent_runs(conn: Connection, limit: int) -> list[dict[str, Any]]:
@@ -175,7 +188,8 @@ def _recent_runs(conn: Connection, limit: int) -> list[dict[str, Any]]:
             counts = json.loads(row["counts"]) if row["counts"] else {}
         except ValueError:
             counts = {"unreadable": row["counts"]}
-        runs.append({**dict(row), "counts": counts})
+        took = row["finished_at"] - row["started_at"] if row["finished_at"] is not None else None
+        runs.append({**dict(row), "counts": counts, "took_seconds": took})
     return runs
 
 
@@ -184,6 +198,12 @@ def _recent_runs(conn: Connection, limit: int) -> list[dict[str, Any]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--days", type=int, default=3, help="hours of the events-per-hour series, in days")
+    parser.add_argument(
+        "--rollup",
+        action="store_true",
+        help="once, after upgrading to schema 0003: count the hours before counting began from the "
+        "events still staged and the deliveries (hourly_counts), then show the status",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -191,6 +211,12 @@ def main(args: argparse.Namespace) -> int:
     from include.resources import open_resources
 
     with open_resources() as res:
+        if args.rollup:
+            from include.operations.rollup import roll_up_uncounted_hours
+
+            print(
+                json.dumps({"rolled_up": roll_up_uncounted_hours(res.engine, res.config.pipeline.consumer)})
+            )
         status = pipeline_status(res.engine, res.config.pipeline.consumer, days=args.days)
         with res.engine.connect() as conn:  # each campaign's state; removed ones with pending emails too
             status["campaigns"] = waiting_by_campaign(conn, res.config)
