@@ -30,9 +30,15 @@ and `drain` are not retried by Airflow: the journal client already retries for
 position; retrying here would only hold back matching and delivery.
 
 Every task has an `execution_timeout`: `TRIGGERS_<TASK>_TIMEOUT` in seconds (e.g.
-`TRIGGERS_DELIVER_TIMEOUT`; defaults in `_TIMEOUTS`). Settings: `TRIGGERS_SCHEDULE` (cron,
-default every minute), `TRIGGERS_DB_URL`, `TRIGGERS_CONFIG`, `TRIGGERS_TEMPLATES`. See the
-README for tuning.
+`TRIGGERS_DELIVER_TIMEOUT`; defaults in `_TIMEOUTS`). Settings: `TRIGGERS_SCHEDULE` (a cron
+expression, or a duration such as `30s` for a cadence below one minute; default every minute),
+`TRIGGERS_DB_URL`, `TRIGGERS_CONFIG`, `TRIGGERS_TEMPLATES`. See the README for tuning.
+
+**Alerts and metrics** (the configuration's `alerts:` section): a Deadline Alert when a run has
+not finished `run_deadline` after it was queued, `on_failure_callback` on a failed run, and the
+report task's alert when the lag is above `max_lag`, by email (`SmtpNotifier`) or any Airflow
+notifier. The report task also sends the run's counts, lag and send rate to Airflow's metrics
+(StatsD or OpenTelemetry, as `[metrics]` says).
 """
 
 from __future__ import annotations
@@ -43,10 +49,20 @@ from datetime import timedelta
 from typing import Any
 
 import pendulum
-from airflow.sdk import CronDataIntervalTimetable, Param, TriggerRule, dag, get_current_context, task
+from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
 
-SCHEDULE = os.environ.get("TRIGGERS_SCHEDULE", "* * * * *")
-DELIVERY_CONNECTIONS = int(os.environ.get("TRIGGERS_SMTP_CONNECTIONS", "2"))
+from include.config import schedule_timetable
+from include.delivery.scaleout import delivery_workers
+from include.operations.alerts import dag_alert_arguments, load_alerts
+
+# a cron expression or a duration (30s: below cron's one minute); a bad value fails the import, naming it
+TIMETABLE = schedule_timetable("TRIGGERS_SCHEDULE", "* * * * *")
+# the `alerts:` section of TRIGGERS_CONFIG: the Deadline Alert and on_failure_callback (none without it)
+ALERTS = dag_alert_arguments(load_alerts())
+DELIVERY_CONNECTIONS = int(os.environ.get("TRIGGERS_SMTP_CONNECTIONS", "0"))  # 0: sized (delivery/pool.py)
+# deliver tasks per run (TRIGGERS_DELIVERY_WORKERS, default 1): competing claimers on one queue, each a
+# mapped task on any executor worker (PostgreSQL only above 1: delivery/scaleout.py)
+DELIVERY_WORKERS = delivery_workers()
 # seconds; a task past its timeout fails (and is retried where it has retries)
 _TIMEOUTS = {
     "authenticate": 120,
@@ -113,7 +129,7 @@ def _param(name: str) -> Any:
 
 @dag(
     dag_id="triggers_pipeline",
-    schedule=CronDataIntervalTimetable(SCHEDULE, timezone="UTC"),
+    schedule=TIMETABLE,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -126,6 +142,7 @@ def _param(name: str) -> Any:
         "retry_exponential_backoff": True,
         "max_retry_delay": timedelta(minutes=5),
     },
+    **ALERTS,
 )
 def triggers_pipeline() -> None:
     @task(**_limits("authenticate", retries=0))
@@ -142,6 +159,7 @@ def triggers_pipeline() -> None:
     def drain(_token: dict[str, Any]) -> dict[str, Any]:
         """Stage every journal event after the stored position."""
         from include.adobe.hook import AdobePipelineHook
+        from include.operations.tasks import with_max_events
         from include.resources import open_resources
         from include.staging.drain import drain as drain_journal
 
@@ -151,61 +169,54 @@ def triggers_pipeline() -> None:
             open_resources() as res,
             AdobePipelineHook.for_config(res.config, res.settings.pipeline_conn_id) as hook,
         ):
-            config = res.config
-            if _param("max_events"):
-                pipeline = config.pipeline.model_copy(
-                    update={"max_events_per_run": int(_param("max_events"))}
-                )
-                config = config.model_copy(update={"pipeline": pipeline})
+            config = with_max_events(res.config, _param("max_events"))
             return drain_journal(res.engine, config, hook.get_conn()).as_dict()
 
     @task(**_limits("match", **_AFTER_UPSTREAM))
     def match() -> dict[str, int]:
         """Decide who gets which email for every ready event (or the backfill interval's)."""
-        from include.matching.run import match_ready_events
+        from include.operations.tasks import match_or_preview
         from include.resources import open_resources
 
-        window = _window()
-        with open_resources() as res:
-            if _param("dry_run"):  # the whole report: the decisions it renders are never written
-                from include.previews.dry_run import dry_run
-
-                return dry_run(
-                    res.engine,
-                    res.config,
-                    res.settings.templates_dir,
-                    now=window.now,
-                    interval=window.interval,
-                    max_messages=_param("max_messages"),
-                )
-            return match_ready_events(res.engine, res.config, now=window.now, interval=window.interval)
+        with open_resources() as res:  # dry_run: the whole report, its decisions never written
+            return match_or_preview(res, _window(), get_current_context()["params"])
 
     @task(**_limits("deliver", **_AFTER_UPSTREAM))
-    def deliver() -> dict[str, int]:
-        """Send the pending emails, each delivery_id at most once."""
+    def deliver(worker: int = 0) -> dict[str, int]:
+        """Send the pending emails, each delivery_id at most once (``worker``: this task's index of
+        TRIGGERS_DELIVERY_WORKERS; each takes its own rows of the one queue)."""
         from include.delivery.hook import PipeliningSmtpHook
         from include.delivery.options import DeliveryOptions
         from include.delivery.run import deliver_pending
+        from include.delivery.scaleout import check_workers, delivery_lease, mapped_worker_id, share
         from include.previews.seeds import send_seed_copies
         from include.resources import open_resources
 
         window = _window()
         if _param("dry_run"):
             return {"skipped": "dry run"}
+        cap = share(_param("max_messages"), DELIVERY_WORKERS, worker)
+        if cap == 0:
+            return {"skipped": "max_messages reached by the other workers"}
         with open_resources() as res:
+            check_workers(res.engine, DELIVERY_WORKERS)
             smtp = PipeliningSmtpHook(res.settings.smtp_conn_id).session_settings()
             options = DeliveryOptions(
                 templates_dir=res.settings.templates_dir,
-                worker_id=window.run_id,
+                worker_id=window.run_id if DELIVERY_WORKERS == 1 else mapped_worker_id(window.run_id, worker),
                 connections=DELIVERY_CONNECTIONS,
                 interval=window.interval,
-                max_messages=_param("max_messages"),
+                max_messages=cap,
+                lease=delivery_lease(),
             )
             started = time.time()
             counts = deliver_pending(res.engine, res.config, smtp, options)
-            # campaigns' seed addresses: a proof copy of each campaign's first email of this run
-            seeds = send_seed_copies(res.engine, res.config, res.settings.templates_dir, smtp, started)
-            return {**counts, **seeds}
+            seconds = round(time.time() - started, 3)  # the send rate's denominator (report's metrics)
+            # campaigns' seed addresses: a proof copy of each campaign's first email of this run (once)
+            seeds = {}
+            if worker == 0:
+                seeds = send_seed_copies(res.engine, res.config, res.settings.templates_dir, smtp, started)
+            return {**counts, **seeds, "deliver_seconds": seconds}
 
     @task(**_limits("report", **_AFTER_UPSTREAM))
     def report(
@@ -213,13 +224,13 @@ def triggers_pipeline() -> None:
     ) -> dict[str, Any]:
         """Record the run's counts and lag; they show in this task's XCom and the status view.
         A stage that failed has no counts (None): the record names it in ``failed_stages``."""
-        from include.operations.report import record_run
+        from include.operations.tasks import report_run
         from include.resources import open_resources
 
         if _param("dry_run"):
             return {"dry_run": True, "recorded": False, "report": "the match task's log and XCom"}
-        with open_resources() as res:
-            return record_run(res.engine, _window().run_id, drained, matched, delivered)
+        with open_resources() as res:  # counts merged (mapped deliver tasks), metrics, the lag alert
+            return report_run(res, get_current_context(), drained, matched, delivered)
 
     @task(**_limits("all_stages_succeeded", trigger_rule=TriggerRule.ALL_SUCCESS))
     def all_stages_succeeded() -> None:
@@ -228,7 +239,9 @@ def triggers_pipeline() -> None:
     token = authenticate()
     drained = drain(token)
     matched = match()  # ordered, not fed: a failed drain leaves no XCom to pull
-    delivered = deliver()
+    # one deliver task, or TRIGGERS_DELIVERY_WORKERS mapped ones (a killed one is retried; its claims
+    # are taken over by a live sibling or its retry once orphaned: delivery/scaleout.py)
+    delivered = deliver() if DELIVERY_WORKERS == 1 else deliver.expand(worker=list(range(DELIVERY_WORKERS)))
     drained >> matched >> delivered
     [token, drained, matched, delivered, report(drained, matched, delivered)] >> all_stages_succeeded()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -41,6 +42,49 @@ def parse_duration(value: Any) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+MAX_SCHEDULE_SECONDS = 366 * 86400  # a longer cadence is a cron expression's job
+
+
+def parse_schedule(value: Any, setting: str = "TRIGGERS_SCHEDULE") -> str | timedelta:
+    """A DAG's schedule from a setting: a five-field cron expression (or ``@hourly``...) stays a
+    string; a duration (``30s``, ``5m``, ``1h``, ``1d``) becomes a timedelta, the only way below
+    one minute. Anything else raises ConfigError naming ``setting`` and the accepted forms."""
+    from croniter import CroniterError, croniter
+
+    text = value.strip() if isinstance(value, str) else ""
+    forms = "a cron expression such as '* * * * *' or '@hourly', or a duration such as 30s, 5m, 1h"
+    if text and text[-1:] in _UNIT_SECONDS and text[:1].isdigit():
+        try:
+            seconds = parse_duration(text)
+        except ValueError:
+            raise ConfigError(f"{setting} is {value!r}: not a duration; write {forms}") from None
+        if not 1 <= seconds <= MAX_SCHEDULE_SECONDS:
+            raise ConfigError(f"{setting} is {value!r}: a duration must be between 1s and 366d ({forms})")
+        return timedelta(seconds=seconds)
+    if text.startswith("@") or len(text.split()) == 5:
+        try:
+            croniter(text, datetime(2026, 1, 1, tzinfo=UTC)).get_next(datetime)  # one that never fires fails
+        except (CroniterError, ValueError, KeyError, TypeError, IndexError, OverflowError) as error:
+            raise ConfigError(
+                f"{setting} is {value!r}: not a valid cron expression ({error}); write {forms}"
+            ) from None
+        return text
+    raise ConfigError(f"{setting} is {value!r}: write {forms}")
+
+
+def schedule_timetable(setting: str, default: str) -> Any:
+    """The timetable of the schedule in environment variable ``setting`` (empty: ``default``).
+
+    Both forms keep data intervals (CronDataIntervalTimetable, DeltaDataIntervalTimetable): a
+    backfill run processes the events of its interval, and catchup=False skips missed intervals."""
+    from airflow.sdk import CronDataIntervalTimetable, DeltaDataIntervalTimetable
+
+    schedule = parse_schedule(os.environ.get(setting) or default, setting)
+    if isinstance(schedule, timedelta):
+        return DeltaDataIntervalTimetable(schedule)
+    return CronDataIntervalTimetable(schedule, timezone="UTC")
+
+
 _WINDOW = re.compile(r"^\s*([01]?\d|2[0-3]):([0-5]\d)\s*-\s*([01]?\d|2[0-3]):([0-5]\d)\s*$")
 
 
@@ -197,10 +241,56 @@ class Limits(_Strict):
     default_timezone: TimeZoneName | None = None  # for recipients without one; else UTC
 
 
+_DOTTED_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+
+
+def _dotted_path(value: Any) -> str:
+    if isinstance(value, str) and _DOTTED_PATH.fullmatch(value.strip()):
+        return value.strip()
+    raise ValueError(
+        f"{repr(value)[:120]} is not a dotted class path, e.g. "
+        "airflow.providers.slack.notifications.slack_webhook.SlackWebhookNotifier"
+    )
+
+
+class NotifierSpec(_Strict):
+    """Any Airflow notifier (a BaseNotifier subclass): its class path and constructor arguments."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    class_path: Annotated[str, BeforeValidator(_dotted_path)] = Field(alias="class")
+    kwargs: dict[str, Any] = {}
+
+
+class Alerts(_Strict):
+    """Who is told when a run fails, misses its deadline or finds the lag too high (the
+    ``alerts:`` section; see include/operations/alerts.py)."""
+
+    email: list[SeedAddress] = []  # recipients of the SMTP notifier (through smtp_conn_id)
+    smtp_conn_id: str = Field("smtp_default", min_length=1)
+    from_email: SeedAddress | None = None  # else the connection's from_email
+    notifier: NotifierSpec | None = None  # any Airflow notifier, beside (or instead of) email
+    on_failure: bool = True  # a run that ends failed
+    run_deadline: Duration | None = Field(None, gt=0)  # a run not finished this long after it was queued
+    max_lag: Duration | None = Field(None, gt=0)  # the report task finds the lag above it
+    # a lag still above max_lag (or runs still failing) is told again this long after it was first
+    # told; none: only when it starts
+    repeat_every: Duration | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _someone_to_tell(self) -> Alerts:
+        if not self.email and self.notifier is None:
+            raise ValueError(
+                "alerts need someone to tell: give email (a list of addresses) or notifier "
+                "(class and kwargs of an Airflow notifier)"
+            )
+        return self
+
+
 class TriggersConfig(_Strict):
     pipeline: PipelineSettings
     campaigns: list[Campaign] = []
     limits: Limits = Limits()
+    alerts: Alerts | None = None  # none: no alert (the status view and metrics still show everything)
 
     @cached_property
     def trigger_labels(self) -> dict[str, str]:
@@ -279,12 +369,32 @@ def parse_config(text: str, source: str = "<config>") -> TriggersConfig:
         raise ConfigError(f"{source}: not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the configuration must be a mapping with a 'pipeline' key")
+    return _validated(TriggersConfig, data, document, source)
+
+
+def parse_alerts(text: str, source: str = "<config>") -> Alerts | None:
+    """Only the ``alerts:`` section (None when absent): read where a mistake elsewhere in the file
+    must not stop the alerts (DAG parse time, the failure callbacks)."""
     try:
-        return TriggersConfig.model_validate(data)
+        data = yaml.safe_load(text)
+        document = yaml.compose(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML: {error}") from None
+    if not isinstance(data, dict) or data.get("alerts") is None:
+        return None
+    return _validated(Alerts, data["alerts"], document, source, within=("alerts",))
+
+
+def _validated(model: Any, data: Any, document: Any, source: str, within: tuple[str, ...] = ()) -> Any:
+    """``data`` validated as ``model``; every problem named by file, line and key (a ConfigError)."""
+    try:
+        return model.model_validate(data)
     except ValidationError as error:
         problems = []
         for item in error.errors():
-            location = tuple(k for k in item["loc"] if not str(k).startswith(("function-", "literal")))
+            location = within + tuple(
+                k for k in item["loc"] if not str(k).startswith(("function-", "literal"))
+            )
             line = _line_of(document, location)
             where = f"line {line}, " if line else ""
             message = item["msg"].removeprefix("Value error, ")

@@ -12,6 +12,7 @@ hold (the earlier event is the one suppressed).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,9 +35,11 @@ from include.matching.reading import (
 )
 from include.matching.rules import Rule, compile_rules, expand_candidates, limit_window
 from include.matching.writer import BatchWriter
-from include.runtime import collector_paused
+from include.runtime import collector_paused, progress_logged
+from include.staging.backlog import events_to_match
 from include.suppressions.store import reasons_for
 
+log = logging.getLogger(__name__)
 FIRST_BATCH_EVENTS = 50_000
 
 
@@ -158,7 +161,13 @@ def _decide_in_batches(
     after: tuple[float, str] | None = None
     writer = BatchWriter(engine)
     try:
-        with collector_paused():  # the batches' row tuples are garbage only when dropped
+        # collector paused: the batches' row tuples are garbage only when dropped
+        # what remains: the events waiting when the run started (read once), less those decided
+        total = events_to_match(engine, selection.interval)
+        with (
+            collector_paused(),
+            progress_logged(log, "match", "events", lambda: counts["ready"], total=total),
+        ):
             while True:
                 with engine.connect() as conn:
                     # a smaller first batch: the writer starts sooner, and it is the slower side

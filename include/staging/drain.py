@@ -27,6 +27,7 @@ from include.adobe.journal import JournalClient, JournalDrained, JournalPage
 from include.config import TriggersConfig
 from include.database.locks import run_lock
 from include.errors import ConfigError, JournalGoneError, UnreadablePageError
+from include.runtime import progress_logged
 from include.staging.parser import ParsedPage
 from include.staging.salvage import last_position_of
 from include.staging.stager import Stager
@@ -211,7 +212,10 @@ class JournalDrain:
         started = time.monotonic()
         retries_before = self.client.retries
         try:
-            with run_lock(self.stager.engine, "drain"):
+            with (
+                run_lock(self.stager.engine, "drain"),
+                progress_logged(log, "drain", "events", lambda: self.report.received, self._remaining),
+            ):
                 self.position = self.stager.position()  # read under the lock: where the last drain ended
                 self._read_pages(latest=self.position is None and self.settings.start_from == "latest")
                 self.prefetch.cancel()
@@ -271,6 +275,10 @@ class JournalDrain:
                 f"the journal page after position {self.position!r} cannot be read: {error}. The drain "
                 f"stops there (the pages before it are staged); {fix}"
             ) from None
+
+    def _remaining(self) -> int | None:
+        """Events left before the cap; None without one (the journal does not say how many wait)."""
+        return None if self.max_events is None else self.max_events - self.report.received
 
     def _cap_reached(self) -> bool:
         return self.max_events is not None and self.requested >= self.max_events

@@ -108,3 +108,31 @@ def test_the_feedback_dag_reads_the_mailbox_one_run_at_a_time_on_its_own_schedul
     monkeypatch.setenv("TRIGGERS_FEEDBACK_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="TRIGGERS_FEEDBACK_TIMEOUT is 'soon'"):
         runpy.run_path(str(ROOT / "dags" / "triggers_feedback.py"))
+
+
+def test_a_mistake_outside_the_alerts_section_leaves_the_dag_and_its_alerts(monkeypatch, tmp_path):
+    """Only ``alerts:`` is read at parse time: a campaign's typo is the tasks' to report."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from include.config import DEFAULT_CONFIG_PATH
+
+    config = tmp_path / "triggers.yaml"
+    config.write_text(
+        DEFAULT_CONFIG_PATH.read_text()
+        + "limts: {}\nalerts: {email: [oncall@example.com], run_deadline: 10m}\n"  # "limts": a typo
+    )
+    monkeypatch.setenv("TRIGGERS_CONFIG", str(config))
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    assert bag.import_errors == {}
+    dag = bag.dags["triggers_pipeline"]
+    assert dag.on_failure_callback and dag.deadline is not None
+
+
+def test_a_bad_audience_timeout_is_named(monkeypatch):
+    import runpy
+
+    from include.errors import AudienceError
+
+    monkeypatch.setenv("TRIGGERS_AUDIENCE_TIMEOUT", "an hour")
+    with pytest.raises(AudienceError, match="TRIGGERS_AUDIENCE_TIMEOUT is 'an hour'"):
+        runpy.run_path(str(ROOT / "dags" / "audience_sync.py"))
