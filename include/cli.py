@@ -24,7 +24,10 @@ COMMANDS = {
         "include.operations.status",
         "print the pipeline status (what the Airflow status view shows) as JSON",
     ),
-    "audience": ("include.audience.load", "load the recipients table from CSV"),
+    "audience": (
+        "include.audience.commands",
+        "load the recipients table from CSV or a database query, or sync it with the query",
+    ),
     "suppressions": (
         "include.suppressions.commands",
         "add, remove, list, import or export suppressed addresses (CSV)",

@@ -53,7 +53,11 @@ class RelayRefusedError(SmtpUnavailableError):
 
 
 class AudienceError(TriggersError):
-    """The audience CSV cannot be read or its header is wrong; nothing was loaded."""
+    """The audience (a CSV file, a query) cannot be read or its columns are wrong; nothing was loaded."""
+
+
+class RemovalRefusedError(AudienceError):
+    """An audience sync would remove more recipients than allowed; retrying cannot help."""
 
 
 class SchemaOutOfDateError(TriggersError):

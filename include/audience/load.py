@@ -2,15 +2,16 @@
 
 ``python -m include.cli audience load PATH`` upserts the file in chunks, in one transaction
 (a file that cannot be read loads nothing). Rows are rejected, counted and reported by line
-when they have no ``recipient_id``, repeat one, give an ``opted_out`` that is not a boolean,
+when they have no ``recipient_id``, hold a NUL character, repeat a ``recipient_id``, give an
+``opted_out`` that is not a boolean,
 claim a ``shopper_id``/``mc_id`` that another recipient holds, or give a ``timezone`` that is not
 an IANA name (empty: ``limits.default_timezone``). A row with an invalid email
 is loaded (matching suppresses it as ``invalid_email``) and counted in the report.
+``AudienceLoad`` is that validation, whatever the source (``source`` feeds it query rows).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import re
 import time
@@ -82,6 +83,12 @@ def _header(path: Path) -> list[str]:
         columns = pd.read_csv(path, nrows=0, encoding="utf-8-sig").columns
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         raise AudienceError(f"cannot read the audience file {path}: {error}") from None
+    return check_columns(columns, f"{path}", "header")
+
+
+def check_columns(columns: Any, source: str, where: str) -> list[str]:
+    """The column names (stripped), or AudienceError naming ``source`` when one is unknown,
+    missing or repeated (``where``: "header" of a file, "columns" of a query)."""
     names = [str(c).strip() for c in columns]
     unknown = [n for n in names if n not in CSV_COLUMNS]
     missing = [n for n in REQUIRED_COLUMNS if n not in names]
@@ -92,21 +99,28 @@ def _header(path: Path) -> list[str]:
         if missing:
             problems.append(f"missing column(s) {', '.join(missing)}")
         raise AudienceError(
-            f"{path}: {' and '.join(problems)} in the header; the columns are {', '.join(CSV_COLUMNS)} "
+            f"{source}: {' and '.join(problems)} in the {where}; the columns are {', '.join(CSV_COLUMNS)} "
             f"({', '.join(REQUIRED_COLUMNS)} required)"
         )
     if len(set(names)) != len(names):
-        raise AudienceError(f"{path}: a column appears twice in the header: {', '.join(names)}")
+        raise AudienceError(f"{source}: a column appears twice in the {where}: {', '.join(names)}")
     return names
 
 
-class _Load:
-    """The state of one file's load: what was seen, kept and rejected so far."""
+class AudienceLoad:
+    """The state of one load (a file, a query): what was seen, kept and rejected so far.
 
-    def __init__(self, conn: Connection, columns: list[str]) -> None:
+    ``unit`` names a source row in the examples: "line" of a file, "row" of a query.
+    ``given_ids`` holds every recipient_id the source gave, loaded or rejected: a sync removes
+    only recipients the source no longer has, not those whose row was rejected.
+    """
+
+    def __init__(self, conn: Connection, columns: list[str], unit: str = "line") -> None:
         self.conn = conn
         self.columns = columns
+        self.unit = unit
         self.seen_ids: set[str] = set()
+        self.given_ids: set[str] = set()
         self.reasons: Counter[str] = Counter()
         self.examples: list[str] = []
         self.counts = Counter()
@@ -123,7 +137,9 @@ class _Load:
             strict=False,
         ):
             if len(self.examples) < EXAMPLES_KEPT:
-                self.examples.append(f"line {line}: {message}" + (f" (recipient_id {rid!r})" if rid else ""))
+                self.examples.append(
+                    f"{self.unit} {line}: {message}" + (f" (recipient_id {rid!r})" if rid else "")
+                )
 
     def existing(self, chunk: pd.DataFrame) -> pd.DataFrame:
         """Rows of ``recipients`` sharing a recipient_id, shopper_id or mc_id with the chunk."""
@@ -156,17 +172,26 @@ class _Load:
             clash = open_values.notna() & open_values.duplicated()
             self.reject(chunk, clash, f"{column}_taken", f"{column} already given to another recipient above")
 
+    def reject_unusable_rows(self, chunk: pd.DataFrame) -> None:
+        """No recipient_id, a NUL character (no database stores it), or a recipient_id given above."""
+        ids = chunk["recipient_id"]
+        self.given_ids.update(ids[ids != ""].tolist())
+        self.reject(chunk, ids == "", "missing_recipient_id", "no recipient_id")
+        nul = chunk[self.columns].apply(lambda column: column.str.contains("\x00", regex=False)).any(axis=1)
+        self.reject(
+            chunk, nul, "nul_character", "a value holds a NUL character, which databases cannot store"
+        )
+        repeated = ids.duplicated() | ids.isin(self.seen_ids)
+        self.reject(
+            chunk, repeated & (ids != ""), "duplicate_recipient_id", "recipient_id already given above"
+        )
+
     def chunk(self, chunk: pd.DataFrame, first_line: int) -> None:
         chunk.columns = [str(c).strip() for c in chunk.columns]
         chunk = chunk.apply(lambda column: column.str.strip())
         chunk["_line"] = range(first_line, first_line + len(chunk))
         chunk["_reason"] = pd.Series(None, index=chunk.index, dtype=object)
-        ids = chunk["recipient_id"]
-        self.reject(chunk, ids == "", "missing_recipient_id", "no recipient_id")
-        repeated = ids.duplicated() | ids.isin(self.seen_ids)
-        self.reject(
-            chunk, repeated & (ids != ""), "duplicate_recipient_id", "recipient_id already given above"
-        )
+        self.reject_unusable_rows(chunk)
         opted_out = (
             parse_opted_out(chunk["opted_out"])
             if "opted_out" in chunk
@@ -216,6 +241,15 @@ class _Load:
         self.counts["inserted"] += int((~is_update).sum())
         self.seen_ids.update(accepted["recipient_id"].tolist())
 
+    def report(self) -> dict[str, Any]:
+        """{"loaded", "inserted", "updated", "rejected", "invalid_email", "reasons", "examples"}."""
+        counts = self.counts
+        return {
+            **{name: counts[name] for name in ("loaded", "inserted", "updated", "rejected", "invalid_email")},
+            "reasons": dict(self.reasons),
+            "examples": self.examples,
+        }
+
 
 def load_recipients(engine: Engine, path: str | Path, *, chunk_size: int = 100_000) -> dict[str, Any]:
     """Upsert ``recipients`` from a CSV file with SPEC section 5's header names.
@@ -228,7 +262,7 @@ def load_recipients(engine: Engine, path: str | Path, *, chunk_size: int = 100_0
     columns = _header(path)
     try:
         with engine.begin() as conn:
-            load = _Load(conn, columns)
+            load = AudienceLoad(conn, columns)
             reader = pd.read_csv(
                 path,
                 dtype=str,
@@ -242,41 +276,4 @@ def load_recipients(engine: Engine, path: str | Path, *, chunk_size: int = 100_0
                 line += len(chunk)
     except (UnicodeDecodeError, pd.errors.ParserError) as error:
         raise AudienceError(f"cannot read the audience file {path}: {error}; nothing was loaded") from None
-    return {
-        "loaded": load.counts["loaded"],
-        "inserted": load.counts["inserted"],
-        "updated": load.counts["updated"],
-        "rejected": load.counts["rejected"],
-        "invalid_email": load.counts["invalid_email"],
-        "reasons": dict(load.reasons),
-        "examples": load.examples,
-    }
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    load = actions.add_parser(
-        "load", help="upsert recipients from a CSV file", description=load_recipients.__doc__
-    )
-    load.add_argument("path", type=Path, help="CSV with the header recipient_id,email,first_name,...")
-    load.add_argument("--chunk-size", type=int, default=100_000, help="rows per chunk (default 100000)")
-
-
-def main(args: argparse.Namespace) -> int:
-    from include.resources import open_resources
-
-    with open_resources() as res:
-        report = load_recipients(res.engine, args.path, chunk_size=args.chunk_size)
-    print(
-        f"{args.path}: {report['loaded']} loaded ({report['inserted']} new, {report['updated']} updated), "
-        f"{report['rejected']} rejected"
-    )
-    for reason, number in sorted(report["reasons"].items()):
-        print(f"  rejected {number}: {reason}")
-    for example in report["examples"]:
-        print(f"    {example}")
-    if report["invalid_email"]:
-        print(
-            f"  {report['invalid_email']} loaded with an invalid email: they will be suppressed as invalid_email"
-        )
-    return 0
+    return load.report()
