@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import json
 import os
 import sys
 from pathlib import Path
@@ -52,6 +53,23 @@ KNOWN_PUBLIC = {
 # unsubscribe link is acceptable (nobody outside this machine receives its mail)
 DEMO_RELAY = "mailpit"
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
+# characters that break what compose builds from a value: the database URLs hold POSTGRES_PASSWORD
+# unquoted (user:password@host/db), the JSON connections hold the others inside "..."; compose reads
+# "$" as a variable in both; control characters and spaces (below "!") break both
+URL_BREAKERS = "@/#%?[]$"
+JSON_BREAKERS = '"\\$'
+BREAKERS = {
+    "POSTGRES_PASSWORD": (URL_BREAKERS, "the database URLs"),
+    "ADOBE_CLIENT_ID": (JSON_BREAKERS, "AIRFLOW_CONN_ADOBE_PIPELINE (JSON)"),
+    "ADOBE_CLIENT_SECRET": (JSON_BREAKERS, "AIRFLOW_CONN_ADOBE_PIPELINE (JSON)"),
+    "SMTP_LOGIN": (JSON_BREAKERS, "AIRFLOW_CONN_SMTP_DEFAULT (JSON)"),
+    "SMTP_PASSWORD": (JSON_BREAKERS, "AIRFLOW_CONN_SMTP_DEFAULT (JSON)"),
+}
+# the connections compose builds, as airflow-init sees them: unparsable when a value above broke them
+CONNECTIONS = {
+    "AIRFLOW_CONN_ADOBE_PIPELINE": "ADOBE_CLIENT_ID or ADOBE_CLIENT_SECRET",
+    "AIRFLOW_CONN_SMTP_DEFAULT": "SMTP_LOGIN or SMTP_PASSWORD",
+}
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -93,7 +111,33 @@ def problems(values: dict[str, str], public: set[str]) -> list[str]:
         else:
             continue
         found.append(f"{name} in .env {what}: set it to a new value made with: {how}")
+    found.extend(_character_problems(values))
     found.extend(_unsubscribe_problems(values))
+    return found
+
+
+def _character_problems(values: dict[str, str]) -> list[str]:
+    """A value holding a character that breaks the URL or JSON compose puts it in (never printed:
+    only which characters are refused)."""
+    found = []
+    for name, (refused, where) in BREAKERS.items():
+        if any(char in refused or char <= " " or char == "\x7f" for char in values.get(name, "")):
+            found.append(
+                f"{name} in .env holds a space, a control character or one of {' '.join(refused)}, "
+                f"which break {where}: use a value "
+                f"without them (a password you choose: {TOKEN}; a provider's secret: make a new one)"
+            )
+    for variable, names in CONNECTIONS.items():
+        raw = values.get(variable)
+        if raw is None:
+            continue
+        try:
+            json.loads(raw)
+        except ValueError:
+            found.append(
+                f'{variable} is not valid JSON: {names} in .env holds a " or \\ (refused); '
+                f"a password you choose can be made with: {TOKEN}"
+            )
     return found
 
 
@@ -123,7 +167,7 @@ def _unsubscribe_problems(values: dict[str, str]) -> list[str]:
 def from_environment() -> dict[str, str]:
     """The values as airflow-init sees them, under their ``.env`` names."""
     values = {name: os.environ.get(container, "") for name, (container, _, _) in SECRETS.items()}
-    for name in ("SMTP_HOST", "TRIGGERS_UNSUBSCRIBE_URL"):
+    for name in ("SMTP_HOST", "TRIGGERS_UNSUBSCRIBE_URL", *CONNECTIONS):
         if name in os.environ:
             values[name] = os.environ[name]
     return values

@@ -20,6 +20,8 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from include.adobe.auth import PipelineCredentials
 
@@ -344,6 +346,83 @@ def test_a_real_relay_needs_a_public_unsubscribe_url(tmp_path: Path) -> None:
     assert "TRIGGERS_UNSUBSCRIBE_URL in .env points at this machine" in run.stderr
     public = dict(local, TRIGGERS_UNSUBSCRIBE_URL="https://shop.example/triggers/unsubscribe/{token}")
     assert run_check("--env-file", str(write_env(tmp_path / "public.env", public))).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "breaks"),
+    [
+        ("POSTGRES_PASSWORD", "p@ss/word#" + "x" * 20, "the database URLs"),
+        ("POSTGRES_PASSWORD", "a%20b?c" + "x" * 20, "the database URLs"),
+        ("ADOBE_CLIENT_SECRET", 'p8e-"quoted"-secret', "AIRFLOW_CONN_ADOBE_PIPELINE"),
+        ("SMTP_PASSWORD", "back\\slash-secret", "AIRFLOW_CONN_SMTP_DEFAULT"),
+    ],
+)
+def test_the_init_check_refuses_characters_that_break_the_urls_and_json(
+    tmp_path: Path, name: str, value: str, breaks: str
+) -> None:
+    run = run_check("--env-file", str(write_env(tmp_path / "bad.env", good_env(**{name: value}))))
+    assert run.returncode == 1
+    (line,) = [line for line in run.stderr.splitlines() if line.startswith(f"check_secrets: {name} ")]
+    assert breaks in line and "secrets.token_urlsafe(32)" in line  # what breaks, how to make one
+    assert value not in run.stderr  # never the value
+
+
+def _check_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_secrets", CHECK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=st.text(min_size=12, max_size=40).filter(lambda v: "\n" not in v))
+def test_a_postgres_password_passes_only_when_the_urls_it_goes_into_keep_it_whole(value: str) -> None:
+    """Whatever the value, the check passes only if the URL compose builds parses back to it."""
+    from urllib.parse import urlsplit
+
+    module = _check_module()
+    found = module._character_problems({"POSTGRES_PASSWORD": value})
+    try:
+        url = urlsplit(f"postgresql://airflow:{value}@postgres/airflow")
+        whole = url.password == value and url.hostname == "postgres" and url.path == "/airflow"
+    except ValueError:
+        whole = False
+    if not found:
+        assert whole and "%" not in value and "$" not in value  # a URL decodes "%"; compose reads "$"
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=st.text(min_size=1, max_size=40))
+def test_a_smtp_password_passes_only_when_the_json_connection_holds_it(value: str) -> None:
+    module = _check_module()
+    found = module._character_problems({"SMTP_PASSWORD": value})
+    try:
+        kept = json.loads(f'{{"password": "{value}"}}')["password"] == value
+    except ValueError:
+        kept = False
+    if not found:
+        assert kept and "$" not in value  # compose reads "$" as a variable
+    if not kept:
+        assert found
+
+
+def test_inside_init_a_broken_json_connection_is_named(tmp_path: Path) -> None:
+    values = good_env()
+    container = {
+        "AIRFLOW__API_AUTH__JWT_SECRET": values["AIRFLOW_JWT_SECRET"],
+        "AIRFLOW__API__SECRET_KEY": values["AIRFLOW_API_SECRET_KEY"],
+        "AIRFLOW__CORE__FERNET_KEY": values["AIRFLOW_FERNET_KEY"],
+        "_AIRFLOW_WWW_USER_PASSWORD": values["_AIRFLOW_WWW_USER_PASSWORD"],
+        "POSTGRES_PASSWORD": values["POSTGRES_PASSWORD"],
+        "AIRFLOW_CONN_SMTP_DEFAULT": '{"conn_type": "smtp", "password": "a"b"}',
+    }
+    run = run_check(env=container)
+    assert run.returncode == 1
+    assert "AIRFLOW_CONN_SMTP_DEFAULT is not valid JSON: SMTP_LOGIN or SMTP_PASSWORD" in run.stderr
+    container["AIRFLOW_CONN_SMTP_DEFAULT"] = '{"conn_type": "smtp", "password": "ab"}'
+    assert run_check(env=container).returncode == 0
 
 
 def test_init_checks_the_secrets_before_anything_else() -> None:
