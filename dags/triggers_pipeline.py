@@ -44,7 +44,6 @@ notifier. The report task also sends the run's counts, lag and send rate to Airf
 from __future__ import annotations
 
 import os
-import time
 from datetime import timedelta
 from typing import Any
 
@@ -185,38 +184,15 @@ def triggers_pipeline() -> None:
     def deliver(worker: int = 0) -> dict[str, int]:
         """Send the pending emails, each delivery_id at most once (``worker``: this task's index of
         TRIGGERS_DELIVERY_WORKERS; each takes its own rows of the one queue)."""
-        from include.delivery.hook import PipeliningSmtpHook
-        from include.delivery.options import DeliveryOptions
-        from include.delivery.run import deliver_pending
-        from include.delivery.scaleout import check_workers, delivery_lease, mapped_worker_id, share
-        from include.previews.seeds import send_seed_copies
+        from include.operations.tasks import deliver_share
         from include.resources import open_resources
 
-        window = _window()
         if _param("dry_run"):
             return {"skipped": "dry run"}
-        cap = share(_param("max_messages"), DELIVERY_WORKERS, worker)
-        if cap == 0:
-            return {"skipped": "max_messages reached by the other workers"}
         with open_resources() as res:
-            check_workers(res.engine, DELIVERY_WORKERS)
-            smtp = PipeliningSmtpHook(res.settings.smtp_conn_id).session_settings()
-            options = DeliveryOptions(
-                templates_dir=res.settings.templates_dir,
-                worker_id=window.run_id if DELIVERY_WORKERS == 1 else mapped_worker_id(window.run_id, worker),
-                connections=DELIVERY_CONNECTIONS,
-                interval=window.interval,
-                max_messages=cap,
-                lease=delivery_lease(),
+            return deliver_share(
+                res, _window(), _param("max_messages"), worker, DELIVERY_WORKERS, DELIVERY_CONNECTIONS
             )
-            started = time.time()
-            counts = deliver_pending(res.engine, res.config, smtp, options)
-            seconds = round(time.time() - started, 3)  # the send rate's denominator (report's metrics)
-            # campaigns' seed addresses: a proof copy of each campaign's first email of this run (once)
-            seeds = {}
-            if worker == 0:
-                seeds = send_seed_copies(res.engine, res.config, res.settings.templates_dir, smtp, started)
-            return {**counts, **seeds, "deliver_seconds": seconds}
 
     @task(**_limits("report", **_AFTER_UPSTREAM))
     def report(

@@ -3,6 +3,7 @@ of tasks and their order: dags/triggers_pipeline.py)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +36,42 @@ def match_or_preview(res: Any, window: Any, params: Mapping[str, Any]) -> dict[s
     from include.matching.run import match_ready_events
 
     return match_ready_events(res.engine, res.config, now=window.now, interval=window.interval)
+
+
+def deliver_share(
+    res: Any, window: Any, max_messages: int | None, worker: int, workers: int, connections: int
+) -> dict[str, Any]:
+    """The deliver task (``worker`` of ``workers`` mapped ones, competing claimers of one queue):
+    send its share of the due emails; task 0 also sends the campaigns' seed copies."""
+    from include.delivery.hook import PipeliningSmtpHook
+    from include.delivery.options import DeliveryOptions
+    from include.delivery.run import deliver_pending
+    from include.delivery.scaleout import check_workers, delivery_lease, mapped_worker_id, share
+    from include.previews.seeds import send_seed_copies
+
+    cap = share(max_messages, workers, worker)
+    if cap == 0:
+        return {"skipped": "max_messages reached by the other workers"}
+    check_workers(res.engine, workers)
+    smtp = PipeliningSmtpHook(res.settings.smtp_conn_id).session_settings()
+    options = DeliveryOptions(
+        templates_dir=res.settings.templates_dir,
+        worker_id=window.run_id if workers == 1 else mapped_worker_id(window.run_id, worker),
+        connections=connections,
+        interval=window.interval,
+        max_messages=cap,
+        lease=delivery_lease(),
+    )
+    started = time.time()
+    counts = deliver_pending(res.engine, res.config, smtp, options)
+    seconds = round(time.time() - started, 3)  # the send rate's denominator (report's metrics)
+    # campaigns' seed addresses: a proof copy of each campaign's first email of this run (once)
+    seeds = (
+        send_seed_copies(res.engine, res.config, res.settings.templates_dir, smtp, started)
+        if worker == 0
+        else {}
+    )
+    return {**counts, **seeds, "deliver_seconds": seconds}
 
 
 def report_run(
