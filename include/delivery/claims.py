@@ -16,12 +16,14 @@ ahead of the senders. SQLite has no row locks: one worker per database there
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import Connection, Engine, text, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from include.config import TriggersConfig
 from include.database.hourly import SUPPRESSED, add_counts
@@ -32,8 +34,10 @@ from include.delivery.eligibility import recheck_eligibility
 from include.delivery.recovery import requeue_interrupted
 from include.delivery.render import RenderedEmail
 from include.delivery.render_pool import RECIPIENT_COLUMNS, BatchRenderer, Rendered, Row
-from include.delivery.scaleout import is_mapped, sibling_of
+from include.delivery.scaleout import delivery_workers, is_mapped, sibling_of
 from include.delivery.state import Job, RunState
+
+log = logging.getLogger(__name__)
 
 
 def _backoff_case(max_attempts: int, base: float, cap: float) -> str:
@@ -69,10 +73,10 @@ class Producer:
         # off this process while the queued ones are sent)
         self.queue_ahead = max(2 * options.batch_size, 2 * options.connections * options.window)
         rate = config.limits.rate.per_second if config.limits.rate else None
-        if rate:  # a claim older than lease/2 is given back unsent: claim no more than lease/8 of sending
-            self.queue_ahead = min(
-                self.queue_ahead, max(2 * options.connections * options.window, int(rate * options.lease / 8))
-            )
+        if rate:  # a claim older than lease/2 is given back unsent: claim no more than lease/8 of
+            # sending, the rate being shared by the workers (TRIGGERS_DELIVERY_WORKERS)
+            ahead = int(rate * options.lease / 8 / delivery_workers())
+            self.queue_ahead = min(self.queue_ahead, max(2 * options.connections * options.window, ahead))
         self.claimed = 0
         self.claimed_at = 0.0
         self.send_time = SendTimeRules(config)
@@ -125,8 +129,9 @@ class Producer:
         if not force and time.monotonic() - self.last_takeover < self.takeover_every:
             return
         self.last_takeover = time.monotonic()
-        lease, now = self.options.lease, self.state.clock()
-        self.state.count("requeued_interrupted", requeue_interrupted(self.engine, lease=lease, now=now))
+        self.state.count(
+            "requeued_interrupted", take_over(self.engine, self.options.lease, self.state.clock())
+        )
 
     def _others_sending(self) -> bool:
         """Whether to wait for rows a sibling (another mapped task of this DAG run) holds in
@@ -374,3 +379,14 @@ def _sendable(
                 {"id": delivery_id, "status": "failed", "reason": f"{outcome[0]}: {outcome[1]}"[:500]}
             )
     return rendered
+
+
+def take_over(engine: Engine, lease: float, now: float) -> int:
+    """:func:`~include.delivery.recovery.requeue_interrupted`, an error of which (a deadlock
+    with another worker's requeue, a dropped connection) is logged, not raised: the run goes on
+    and the claims are taken over at the next try (0 requeued now)."""
+    try:
+        return requeue_interrupted(engine, lease=lease, now=now)
+    except SQLAlchemyError as error:
+        log.warning("taking over the claims of dead workers failed, tried again later: %s", error)
+        return 0

@@ -6,6 +6,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from include.errors import ConfigError
+
+RECORD_RETRY_SECONDS = 15.5  # the recorder's waits between its attempts at a commit: 0.5, 1, 2, 4, 8 s
+
 
 @dataclass(frozen=True)
 class DeliveryOptions:
@@ -59,3 +63,22 @@ class DeliveryOptions:
                 "connections and window must be 0 (sized) or more, batch_size and max_connections at least 1"
             )
         object.__setattr__(self, "templates_dir", Path(self.templates_dir))
+
+    @property
+    def record_retry(self) -> float:
+        """Seconds the recorder spends retrying a commit before it stops the run: at most
+        RECORD_RETRY_SECONDS, and at most lease/8 so that a short lease (tests) stays usable."""
+        return min(RECORD_RETRY_SECONDS, self.lease / 8)
+
+    def check_lease(self, smtp_timeout: float) -> None:
+        """A body may leave with its claim just under lease/2 old; its reply may take the SMTP
+        timeout and its commit the recorder's retries: all that must end before another worker
+        takes the claim over (after one lease), so the lease is at least twice their sum."""
+        needed = 2 * (smtp_timeout + self.record_retry)
+        if self.lease < needed:
+            raise ConfigError(
+                f"the delivery lease (TRIGGERS_DELIVERY_LEASE / DeliveryOptions.lease) is {self.lease:g} s, "
+                f"below 2 x (SMTP timeout {smtp_timeout:g} s + database retry {self.record_retry:g} s) = "
+                f"{needed:g} s: a message could still be in flight when another worker takes its claim over; "
+                "raise the lease, or lower smtp_default's extra timeout"
+            )

@@ -22,6 +22,7 @@ from sqlalchemy import Connection, Engine
 from include.bounces.codes import is_hard_bounce_reply
 from include.database.hourly import add_counts, hour_of, upsert_selected_sql
 from include.database.sql import driver_sql, in_list, list_param
+from include.delivery.options import RECORD_RETRY_SECONDS
 from include.delivery.state import STOP, Result, RunState
 from include.suppressions.store import EVERY_CAMPAIGN, Suppression, add
 
@@ -152,7 +153,8 @@ class Recorder:
                     self.state.fatal.append(error)
                     self.database_down = True
                     return {}
-                time.sleep(0.5 * 2**attempt)
+                # 0.5, 1, 2, 4, 8 s (RECORD_RETRY_SECONDS in all), scaled down for a short lease
+                time.sleep(0.5 * 2**attempt * self.state.options.record_retry / RECORD_RETRY_SECONDS)
         raise AssertionError("unreachable")
 
     def _drop_connection(self) -> None:

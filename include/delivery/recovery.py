@@ -72,26 +72,34 @@ def requeue_interrupted(engine: Engine, *, lease: float = 600.0, now: float | No
     now = time.time() if now is None else now
     with engine.begin() as conn:
         rows = conn.execute(
-            text("SELECT delivery_id, claimed_by, claimed_at FROM deliveries WHERE status = 'sending'")
+            text(  # in key order: concurrent requeues lock the rows in the same order (no deadlock)
+                "SELECT delivery_id, claimed_by, claimed_at FROM deliveries WHERE status = 'sending' "
+                "ORDER BY delivery_id"
+            )
         ).all()
         orphans = [
             {
                 "id": row.delivery_id,
-                "by": row.claimed_by,
+                "by": row.claimed_by or "",
+                "at": -1.0 if row.claimed_at is None else row.claimed_at,
                 "reason": f"requeued: send interrupted ({row.claimed_by})"[:500],
             }
             for row in rows
             if _claim_is_orphaned(row.claimed_by, row.claimed_at, lease=lease, now=now)
         ]
+        requeued = 0
         if orphans:
-            conn.execute(
+            result = conn.execute(
                 text(
-                    # not a relay attempt: uncounted, and due at once (no retry backoff)
+                    # not a relay attempt: uncounted, and due at once (no retry backoff); the claim
+                    # as read (a row released and claimed again since is a live claim: left alone)
                     "UPDATE deliveries SET status = 'pending', reason = :reason, claimed_at = NULL, "
                     "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END "
-                    "WHERE delivery_id = :id AND status = 'sending' AND claimed_by = :by"
+                    "WHERE delivery_id = :id AND status = 'sending' "
+                    "AND COALESCE(claimed_by, '') = :by AND COALESCE(claimed_at, -1) = :at"
                 ),
                 orphans,
             )
-            log.warning("requeued %d deliveries left in 'sending' by interrupted workers", len(orphans))
-    return len(orphans)
+            requeued = max(0, result.rowcount)  # the rows changed, summed over the parameter sets
+            log.warning("requeued %d deliveries left in 'sending' by interrupted workers", requeued)
+    return requeued

@@ -37,12 +37,12 @@ from sqlalchemy import Engine
 from include.bounces.verp import bounce_address_template
 from include.config import TriggersConfig
 from include.delivery import pool
-from include.delivery.claims import Producer
+from include.delivery.claims import Producer, take_over
 from include.delivery.controls import report_waiting
 from include.delivery.options import DeliveryOptions
 from include.delivery.ratelimit import RateLimiter
 from include.delivery.recorder import Recorder
-from include.delivery.recovery import registered_run, requeue_interrupted
+from include.delivery.recovery import registered_run
 from include.delivery.render import (
     UNSUBSCRIBE_MAILTO_ENV,
     check_delivery_settings,
@@ -103,6 +103,7 @@ def deliver_pending(
         smtp.from_email,
     )
     check_unsubscribe_url_is_set(unsubscribe_url, smtp.host)
+    options.check_lease(smtp.timeout)
     renderer = delivery_renderer(engine, config, options.templates_dir, unsubscribe_url, processes)
     # TRIGGERS_BOUNCE_ADDRESS (VERP), checked here before anything is claimed, wins over from_email
     verp = bounce_address_template() is not None
@@ -138,9 +139,9 @@ def _sized(
     options: DeliveryOptions, first: SmtpSession, config: TriggersConfig
 ) -> tuple[DeliveryOptions, bool]:
     """The options with the pool and window sized (:mod:`~include.delivery.pool`) where they are
-    0, from the round trip ``first`` measures (its connection is kept); whether the relay is far."""
-    if options.connections and options.window:
-        return options, False
+    0, from the round trip ``first`` measures (its connection is kept); whether the relay is far.
+    Measured even when both are given: the first connection is opened anyway, and a far relay
+    changes how results are committed (:class:`~include.delivery.state.RunState`)."""
     if first.settings.max_connections:  # the relay's own cap (smtp_default extra max_connections)
         options = replace(options, max_connections=first.settings.max_connections)
     round_trip = pool.measure(first)
@@ -207,9 +208,8 @@ def _coordinate(
     for sender in senders:
         sender.start()
     try:
-        state.count(
-            "requeued_interrupted", requeue_interrupted(engine, lease=state.options.lease, now=state.clock())
-        )
+        # an error here (a deadlock with another worker's requeue) is logged: the producer tries again
+        state.count("requeued_interrupted", take_over(engine, state.options.lease, state.clock()))
         Producer(engine, config, state, renderer).run()
     finally:
         for _ in senders:

@@ -8,7 +8,12 @@ message goes whole (MAIL, RCPT, ``BDAT <size> LAST`` and the body) without waiti
 
 A relay that greets with 421 (too many connections) makes the session leave: the pool shrinks,
 the job it held goes back uncounted; the last session waits (doubling from 0.2 s to 10 s) and
-connects again. A connection has at most ``window`` messages whose body went (so the relay may
+connects again. A message whose body went before a drop may have reached the relay: when no new
+connection follows (a 421, or none can be made) it goes back as a retry, its attempt counted,
+so a flapping relay cannot resend it forever. A message sent again after a drop takes a new
+rate-limit slot; its window slot is always taken before its rate-limit slot (a rate slot
+waited for behind a full window would have gone by: a burst), and once the run stops (the
+database down: the recorder frees slots without writing) a job that got its slot goes back. A connection has at most ``window`` messages whose body went (so the relay may
 have accepted them) and whose result is not yet committed: a slot is taken right before a body
 goes and freed by the recorder. That bounds what a crash sends twice: ``connections * window``.
 A claim older than half the lease is given back unsent, so that a lease expiry elsewhere can
@@ -43,6 +48,7 @@ from include.errors import RelayRefusedError, SmtpUnavailableError
 
 log = logging.getLogger(__name__)
 
+TOO_OLD_AGAIN = "claim too old to send again after a dropped connection"
 FAR_SLOT_WAIT = 0.02  # seconds a far session waits for the commit that frees its next window slot
 _DROPPED = (smtplib.SMTPServerDisconnected, OSError)
 
@@ -85,18 +91,28 @@ class Sender:
             self.session.close()
 
     def _take(self, window: threading.Semaphore | None) -> Job | None:
-        """The next sendable job, its rate-limit slot waited for and its ``window`` slot (if
-        given) acquired; None at the end of the run."""
+        """The next sendable job, with ``window`` given its window slot acquired and then its
+        rate-limit slot waited for (:meth:`_slot`); None at the end of the run."""
         while True:
             job = self.state.work.get()
             if job is STOP:
                 self._end_streak()
                 return None
             if self._sendable(job):
-                if window is not None:
-                    window.acquire()
-                self.limiter.wait(job.domain)
-                return job
+                return job if window is None or self._slot(job, window) else None
+
+    def _slot(self, job: Job, window: threading.Semaphore, acquired: bool = False) -> bool:
+        """``job``'s window slot (unless ``acquired``), then its rate-limit slot: a slot waited
+        for behind a full window would have gone by, and the messages behind it go in a burst.
+        False, the job given back with its slot, when the run stopped meanwhile: once the
+        database is down the recorder frees slots without writing, so they bound nothing."""
+        if not acquired:
+            window.acquire()
+        self.limiter.wait(job.domain)
+        if self.state.fatal:
+            self.state.release(job, window)
+            return False
+        return True
 
     def _wait_busy(self, error: RelayBusy) -> bool:
         """After a 421 at connect: False when this session leaves the pool (others go on), else
@@ -131,12 +147,13 @@ class Sender:
         opened = False  # held's MAIL, RCPT and DATA went behind the previous body
         while True:
             if held is None:
-                job = self._take(None)
+                job = self._take(window)
                 if job is None:
                     return False
             else:
                 job, held = held, None
-            window.acquire()
+                if not self._slot(job, window):
+                    return False
             following = self._following()
             try:
                 sent = session.send(
@@ -144,15 +161,17 @@ class Sender:
                     opened=opened,
                     following=following.rendered if following is not None else None,
                     expires=time.monotonic() + self.max_claim_age - (state.clock() - job.claimed_at),
+                    pace=lambda job=job: self.limiter.wait(job.domain),
                 )
             except RelayBusy as error:
-                state.release(job, window)
+                self._give_back(job, window)
                 if following is not None:
                     state.release(following)
                 return self._wait_busy(error)
             except SmtpUnavailableError as error:
                 self._end_streak()
-                self._give_up(error, (job, window), (following, None))
+                self._give_back(job, window)
+                self._give_up(error, (following, None))
                 return False
             result = Result(job, sent.outcome, sent.reply, time.time(), window)
             if sent.outcome == "relay" or self._refusal_streak(result):
@@ -166,8 +185,7 @@ class Sender:
         state, session = self.state, self.session
         inflight: deque[Job] = deque()  # written, replies not read yet
         ended = False  # no more jobs taken: the run ends or stops
-        next_job: Job | None = job
-        window.acquire()
+        next_job: Job | None = job if self._slot(job, window) else None
         while True:
             if next_job is not None and state.clock() - next_job.claimed_at > self.max_claim_age:
                 state.release(next_job, window)  # it aged waiting for its rate-limit slot: not sent
@@ -225,16 +243,17 @@ class Sender:
                 self._end_streak()
                 return None, True
             if self._sendable(job):
-                self.limiter.wait(job.domain)
-                return job, False
+                return (job, False) if self._slot(job, window, acquired=True) else (None, True)
 
     def _rewrite(
         self, inflight: deque[Job], window: threading.Semaphore, error: BaseException | None
     ) -> bool | None:
         """The connection dropped with ``inflight`` unanswered: write them again on a new one
-        (each drop counted), or, past retry_limit drops in a row, record them as retries; None
-        then (go on). When no connection can be made they go back uncounted and this returns
-        what :meth:`_run_chunked` returns."""
+        (each drop counted, each taking a new rate-limit slot; one whose claim grew too old is
+        not written again), or, past retry_limit drops in a row, record them as retries; None
+        then (go on). When no connection can be made they are recorded as retries too (their
+        body went: the relay may have them, so it is an attempt) and this returns what
+        :meth:`_run_chunked` returns."""
         state, session = self.state, self.session
         drops = 0
         while True:
@@ -250,14 +269,20 @@ class Sender:
             time.sleep(min(0.1 * 2 ** (drops - 1), 5.0))
             try:
                 session.connect()
-                for unanswered in inflight:
+                for unanswered in list(inflight):
+                    self.limiter.wait(unanswered.domain)
+                    if state.clock() - unanswered.claimed_at > self.max_claim_age:
+                        inflight.remove(unanswered)  # as the PIPELINING path's ``expires``: not sent again
+                        state.record(Result(unanswered, "retry", TOO_OLD_AGAIN, time.time(), window))
+                        continue
                     session.write_chunked(unanswered.rendered)
                 return None
             except _DROPPED as dropped:
                 error = dropped
             except (RelayBusy, SmtpUnavailableError) as failure:
-                for unsent in inflight:
-                    state.release(unsent, window)
+                reason = f"connection lost, then: {failure}"[:500]
+                for lost in inflight:
+                    state.record(Result(lost, "retry", reason, time.time(), window))
                 inflight.clear()
                 if isinstance(failure, RelayBusy):
                     return self._wait_busy(failure)
@@ -270,6 +295,16 @@ class Sender:
             self.state.record(result)
         else:
             self.state.release(result.job, result.done)
+
+    def _give_back(self, job: Job, slot: threading.Semaphore | None) -> None:
+        """``job`` goes back after its connection was lost: as a retry (an attempt) when its body
+        went before a drop (the relay may have it: else a flapping relay resends it forever),
+        else uncounted."""
+        if self.session.body_went:
+            reason = "connection lost after the body, and no new one"
+            self.state.record(Result(job, "retry", reason, time.time(), slot))
+        else:
+            self.state.release(job, slot)
 
     def _sendable(self, job: Job) -> bool:
         """False (and the claim released) when the run stops or the claim is too old to use."""

@@ -153,7 +153,7 @@ def _transaction(
     *,
     opened: bool = False,
     following: bytes = b"",
-    expires: float = math.inf,
+    before_body: Callable[[], None] = lambda: None,
 ) -> Reply:
     """One message.
 
@@ -161,8 +161,8 @@ def _transaction(
     three replies are read together; the body goes only once all three were accepted, with the
     next message's MAIL, RCPT and DATA (``following``) in the same write: one round trip per
     message. ``opened``: this message's commands already went that way. Without PIPELINING
-    each command waits for its reply. Past ``expires`` (``time.monotonic()``) the body does not
-    go: :class:`ClaimExpired`, the caller drops the connection, which ends the transaction unsent.
+    each command waits for its reply. ``before_body`` runs right before the body goes: it may
+    raise :class:`ClaimExpired` (the caller drops the connection, which ends the transaction unsent).
     """
     pipelining = client.has_extn("pipelining")
     if pipelining and not opened:
@@ -176,8 +176,7 @@ def _transaction(
         if code == 421 or (code not in accepted and not pipelining):  # 421: closing, no further reply
             return Reply(code, message, False, False, stage)
     if all(reply[0] in accepted for reply, accepted in zip(replies, _ACCEPTED, strict=True)):
-        if time.monotonic() > expires:  # checked right before the body: a reconnect loop may have waited
-            raise ClaimExpired
+        before_body()  # right before the body: a reconnect loop may have waited
         chained = pipelining and bool(following)
         client.send(_dot_stuffed(data) + following if chained else _dot_stuffed(data))
         code, message = client.getreply()
@@ -199,8 +198,14 @@ def chunked_message(commands: tuple[bytes, bytes, bytes], data: bytes) -> bytes:
 
 def chunked_reply(client: smtplib.SMTP) -> Reply:
     """The three replies of one message sent with :func:`chunked_message`, in order: the first
-    refusal is the message's reply (a refused RCPT makes the BDAT fail too)."""
-    replies = [client.getreply() for _ in range(3)]
+    refusal is the message's reply (a refused RCPT makes the BDAT fail too). A 421 ends the
+    reading: the relay closes the connection and answers nothing more."""
+    replies = []
+    for stage in _STAGES:
+        code, message = client.getreply()
+        if code == 421:
+            return Reply(code, message, stage == "DATA", False, stage if stage != "DATA" else "BODY")
+        replies.append((code, message))
     for (code, message), accepted, stage in zip(replies, _ACCEPTED[:2] + ((250,),), _STAGES, strict=True):
         if code not in accepted:
             return Reply(code, message, stage == "DATA", False, stage if stage != "DATA" else "BODY")
@@ -230,6 +235,9 @@ class SmtpSession:
         self.envelope_from = envelope_from
         self.count = count
         self.client: smtplib.SMTP | None = None
+        # the current send's body was written (maybe in part) on a connection that then dropped:
+        # the relay may have the message, so giving it back counts as an attempt
+        self.body_went = False
         self.round_trip: float | None = None  # the EHLO of the first connection
 
     def connect(self) -> smtplib.SMTP:
@@ -284,24 +292,35 @@ class SmtpSession:
         opened: bool,
         following: RenderedEmail | None,
         expires: float = math.inf,
+        pace: Callable[[], None] = lambda: None,
     ) -> Sent:
         """Send ``message``; ``following``'s commands go behind its body when they can.
         ``opened``: ``message``'s commands went behind the previous body. A dropped connection is
-        retried on a new one, up to ``retry_limit`` times; :class:`SmtpUnavailableError` when no
-        new one can be made. Once ``expires`` (``time.monotonic()``) has passed, the body does not
-        go (outcome ``release``)."""
+        retried on a new one (after ``pace``: its rate-limit slot), up to ``retry_limit`` times;
+        :class:`SmtpUnavailableError` when no new one can be made (:attr:`body_went` says whether
+        the relay may have it). Once ``expires`` (``time.monotonic()``) has passed, the body does
+        not go: outcome ``release``, or ``retry`` when it went before a drop (an attempt)."""
         commands = self.commands(message)
         chained = b"".join(self.commands(following)) if following is not None else b""
         drops = 0
+        self.body_went = False
+
+        def before_body() -> None:
+            if time.monotonic() > expires:
+                raise ClaimExpired
+            self.body_went = True
+
         while True:
             if self.client is None:
                 self.connect()
                 opened = False
             assert self.client is not None
             try:
-                return self._send_once(self.client, commands, message.data, opened, chained, expires)
+                return self._send_once(self.client, commands, message.data, opened, chained, before_body)
             except ClaimExpired:
                 self._drop()  # the relay discards a transaction whose body never ended
+                if self.body_went:
+                    return Sent("retry", "claim too old to send again after a dropped connection", False)
                 return Sent("release", "claim too old to send", False)
             except (smtplib.SMTPServerDisconnected, OSError) as error:
                 self._drop()
@@ -310,6 +329,7 @@ class SmtpSession:
                 if drops > self.settings.retry_limit:
                     return Sent("retry", f"connection lost: {type(error).__name__}", False)
                 time.sleep(min(0.1 * 2 ** (drops - 1), 5.0))
+                pace()  # a message sent again takes a rate-limit slot of its own
 
     def _send_once(
         self,
@@ -318,10 +338,10 @@ class SmtpSession:
         data: bytes,
         opened: bool,
         chained: bytes,
-        expires: float,
+        before_body: Callable[[], None],
     ) -> Sent:
         code, message, body_sent, following_sent, stage = _transaction(
-            client, commands, data, opened=opened, following=chained, expires=expires
+            client, commands, data, opened=opened, following=chained, before_body=before_body
         )
         reply = reply_text(code, message)
         if code == 250 and body_sent:

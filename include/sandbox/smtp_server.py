@@ -230,6 +230,8 @@ class _RecordingSMTP(SMTP):
             return
         if not self.envelope.rcpt_tos:
             self.chunks = []
+            if last:  # BDAT LAST ends the transaction whatever its reply (as the end of DATA does)
+                self._set_post_data_state()
             await self.push("554 5.5.1 Error: no valid recipients")
             return
         if not last:

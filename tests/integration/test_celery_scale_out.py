@@ -24,6 +24,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -100,14 +101,11 @@ def smtp() -> Iterator[LocalSmtpServer]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def celery(
-    databases: dict[str, str], smtp: LocalSmtpServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, Any]]:
-    """Airflow on the CeleryExecutor with two workers, the pipeline DAG unpaused."""
-    home = tmp_path_factory.mktemp("celery")
-    private_key, public_key = create_key_pair(home / "keys")
-    options = SimulatorOptions(public_key_pem=public_key.read_bytes(), events=0)
+SMTP_TIMEOUT = 10.0  # a 60 s lease needs 2 x (SMTP timeout + 7.5 s of commit retries) <= 60 (check_lease)
+
+
+def _config_file(home: Path) -> Path:
+    """The default configuration with the run's shared rate (RATE over both workers)."""
     config_path = home / "triggers.yaml"
     config_text = DEFAULT_CONFIG_PATH.read_text()
     assert "rate: {per_second: 50, per_domain_per_second: 10}" in config_text
@@ -117,61 +115,88 @@ def celery(
             f"rate: {{per_second: {RATE}, per_domain_per_second: {RATE / 4}}}",
         )
     )
+    return config_path
+
+
+def _environment(
+    connections: dict[str, str], databases: dict[str, str], home: Path, queue: str
+) -> dict[str, str]:
+    """Airflow on the CeleryExecutor (our own queue on the shared Redis), two mapped deliver tasks."""
+    smtp_connection = json.loads(connections["AIRFLOW_CONN_SMTP_DEFAULT"])
+    smtp_connection.setdefault("extra", {})["timeout"] = SMTP_TIMEOUT
+    return {
+        "AIRFLOW_CONN_ADOBE_PIPELINE": connections["AIRFLOW_CONN_ADOBE_PIPELINE"],
+        "AIRFLOW_CONN_SMTP_DEFAULT": json.dumps(smtp_connection),
+        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": databases["airflow"],
+        "AIRFLOW__CELERY__BROKER_URL": "redis://127.0.0.1:6379/0",
+        "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{databases['celery']}",
+        "AIRFLOW__OPERATORS__DEFAULT_QUEUE": queue,
+        "AIRFLOW__CELERY__WORKER_CONCURRENCY": "1",  # one task a worker: each runs one deliver
+        # a killed task is found dead after 15 s (Airflow's default: 5 minutes) and retried
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "15",
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+        "TRIGGERS_DB_URL": databases["triggers"],
+        "TRIGGERS_CONFIG": str(_config_file(home)),
+        "TRIGGERS_SCHEDULE": "0 0 1 1 *",  # no scheduled run in the test: only the triggered ones
+        "TRIGGERS_DELIVERY_WORKERS": "2",
+        "TRIGGERS_DELIVERY_LEASE": str(LEASE),
+        "TRIGGERS_SMTP_CONNECTIONS": str(SESSIONS),
+        "TRIGGERS_TOKEN_CACHE": str(home / "token-cache"),
+    }
+
+
+def _start_workers(airflow: AirflowHarness, queue: str) -> list[Any]:
+    """Two Celery workers on ``queue``, one task each."""
+    return [
+        airflow.cli_in_background(
+            "celery",
+            "worker",
+            "--queues",
+            queue,
+            "--concurrency",
+            "1",
+            "--celery-hostname",
+            f"{queue}-w{i}@%h",
+            "--without-mingle",
+            "--without-gossip",
+        )
+        for i in range(2)
+    ]
+
+
+def _ready(airflow: AirflowHarness) -> None:
+    """Healthy, the pipeline DAG parsed and unpaused."""
+    airflow.wait_until_healthy(180)
+    wait_for(
+        "triggers_pipeline parsed by the dag-processor",
+        lambda: _dag_known(airflow),
+        180,
+        processes=airflow.processes,
+        explain=airflow.log_tail,
+    )
+    airflow.api("/dags/triggers_pipeline", {"is_paused": False}, method="PATCH")
+
+
+@pytest.fixture(scope="module")
+def celery(
+    databases: dict[str, str], smtp: LocalSmtpServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """Airflow on the CeleryExecutor with two workers, the pipeline DAG unpaused."""
+    home = tmp_path_factory.mktemp("celery")
+    private_key, public_key = create_key_pair(home / "keys")
+    options = SimulatorOptions(public_key_pem=public_key.read_bytes(), events=0)
     queue = f"scaleout_{uuid.uuid4().hex[:8]}"  # ours alone on the shared Redis
     with Simulator(options) as simulator:
         connections = airflow_environment(home, simulator.url, smtp.port, private_key, options, "")
-        env = {
-            name: connections[name] for name in ("AIRFLOW_CONN_ADOBE_PIPELINE", "AIRFLOW_CONN_SMTP_DEFAULT")
-        }
-        env.update(
-            {
-                "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
-                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": databases["airflow"],
-                "AIRFLOW__CELERY__BROKER_URL": "redis://127.0.0.1:6379/0",
-                "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{databases['celery']}",
-                "AIRFLOW__OPERATORS__DEFAULT_QUEUE": queue,
-                "AIRFLOW__CELERY__WORKER_CONCURRENCY": "1",  # one task a worker: each runs one deliver
-                # a killed task is found dead after 15 s (Airflow's default: 5 minutes) and retried
-                "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "15",
-                "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
-                "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-                "TRIGGERS_DB_URL": databases["triggers"],
-                "TRIGGERS_CONFIG": str(config_path),
-                "TRIGGERS_SCHEDULE": "0 0 1 1 *",  # no scheduled run in the test: only the triggered ones
-                "TRIGGERS_DELIVERY_WORKERS": "2",
-                "TRIGGERS_DELIVERY_LEASE": str(LEASE),
-                "TRIGGERS_SMTP_CONNECTIONS": str(SESSIONS),
-                "TRIGGERS_TOKEN_CACHE": str(home / "token-cache"),
-            }
-        )
+        env = _environment(connections, databases, home, queue)
         with AirflowHarness(home / "airflow", env=env) as airflow:
             try:
                 airflow.cli("db", "migrate", timeout=600)
                 airflow.start("api-server", "scheduler", "dag-processor")
-                workers = [
-                    airflow.cli_in_background(
-                        "celery",
-                        "worker",
-                        "--queues",
-                        queue,
-                        "--concurrency",
-                        "1",
-                        "--celery-hostname",
-                        f"{queue}-w{i}@%h",
-                        "--without-mingle",
-                        "--without-gossip",
-                    )
-                    for i in range(2)
-                ]
-                airflow.wait_until_healthy(180)
-                wait_for(
-                    "triggers_pipeline parsed by the dag-processor",
-                    lambda: _dag_known(airflow),
-                    180,
-                    processes=airflow.processes,
-                    explain=airflow.log_tail,
-                )
-                airflow.api("/dags/triggers_pipeline", {"is_paused": False}, method="PATCH")
+                workers = _start_workers(airflow, queue)
+                _ready(airflow)
                 yield {"airflow": airflow, "workers": workers, "url": databases["triggers"]}
             except BaseException:
                 print(airflow.log_tail(12000))

@@ -155,10 +155,16 @@ def received_ids(server: LocalSmtpServer) -> Counter[str]:
 
 
 def deliver(
-    engine: Engine, config: TriggersConfig, server: LocalSmtpServer, **options: Any
+    engine: Engine,
+    config: TriggersConfig,
+    server: LocalSmtpServer,
+    smtp_timeout: float = 30.0,
+    **options: Any,
 ) -> dict[str, int]:
+    """A run with ``options``; a short lease needs a short ``smtp_timeout`` (DeliveryOptions.check_lease)."""
     options = {"templates_dir": DEFAULT_TEMPLATES_DIR, "worker_id": "test", "retry_delay": 0.05, **options}
-    return deliver_pending(engine, config, smtp_settings(server), DeliveryOptions(**options))
+    smtp = smtp_settings(server, timeout=smtp_timeout)
+    return deliver_pending(engine, config, smtp, DeliveryOptions(**options))
 
 
 def test_each_pending_delivery_is_sent_once_with_its_headers_and_recorded(

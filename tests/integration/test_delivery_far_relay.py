@@ -5,7 +5,9 @@ connections or not; a worker SIGKILLed mid-run, then a second run."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -108,9 +110,10 @@ def test_a_rate_limit_sizes_the_pool_and_holds_across_its_sessions(
         counts = deliver_far(sqlite_engine, limited, line, max_connections=20)
     assert counts == {"sent": 30}
     assert received_ids(server) == Counter({i: 1 for i in ids})
-    # 60/s, a session sending one message per two ~20 ms round trips (no chaining under a rate):
-    # 3 or 4 sessions with the headroom (the measured round trip is a little over 20 ms), not the cap
-    assert 3 <= server.most_connections <= 5
+    # 60/s, a session sending one message per two round trips of at least 20 ms (no chaining under
+    # a rate): 3 sessions or more with the headroom (more if the machine's load lengthens the
+    # measured round trip), never the cap of 20
+    assert 3 <= server.most_connections < 20
     times = sorted(m.received_at for m in server.messages)
     assert times[-1] - times[0] >= 29 / 60 * 0.9  # spaced, whichever session sent them
 
@@ -232,3 +235,20 @@ def test_a_421_greeting_is_relay_busy_not_a_failure() -> None:
             session.connect()
         with pytest.raises(smtplib.SMTPConnectError):
             smtplib.SMTP("127.0.0.1", server.port)
+
+
+def test_a_run_with_its_pool_and_window_given_still_measures_the_relays_distance(
+    sqlite_engine: Engine, config: TriggersConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Far changes how results are committed (at once, no lingering for a group): it is measured
+    on the first connection, which is opened anyway."""
+    seed(sqlite_engine, config, [{} for _ in range(3)])
+    with (
+        LocalSmtpServer() as server,
+        far(server) as line,
+        caplog.at_level(logging.INFO, "include.delivery.run"),
+    ):
+        assert deliver_far(sqlite_engine, config, line, connections=2, window=4) == {"sent": 3}
+    (sized,) = [r.getMessage() for r in caplog.records if "SMTP session(s)" in r.getMessage()]
+    found = re.search(r"2 SMTP session\(s\), window 4 \(relay round trip ([\d.]+) ms\)", sized)
+    assert found and float(found.group(1)) >= 2 * DELAY * 1000 * 0.9, sized

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -139,18 +140,28 @@ RELAY_FAULTS = {
 }
 
 
+def in_mode(server: LocalSmtpServer, mode: str, **kwargs: Any) -> LocalSmtpServer:
+    """``server``, or (CHUNKING, or ``kwargs``) a server in its place that offers it: the sender's
+    BDAT path."""
+    if mode == "PIPELINING" and not kwargs:
+        return server
+    server.stop()
+    return LocalSmtpServer(port=server.port, chunking=mode == "CHUNKING", **kwargs).start()
+
+
+MODES = ["PIPELINING", "CHUNKING"]
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("fault", list(RELAY_FAULTS))
 def test_a_relay_wide_refusal_gives_the_claims_back_and_fails_the_run_with_the_reply(
-    engine: Engine, config: TriggersConfig, server: LocalSmtpServer, fault: str
+    engine: Engine, config: TriggersConfig, server: LocalSmtpServer, fault: str, mode: str
 ) -> None:
     seed(engine, config, [{} for _ in range(12)])
     refused = RELAY_FAULTS[fault]
-    relay = server
-    if refused is None:
-        server.stop()
-        relay = LocalSmtpServer(port=server.port, credentials=("shop", "password")).start()
-    else:
-        server.fail_next(1000, refused[0], at=refused[1])
+    relay = in_mode(server, mode, **({"credentials": ("shop", "password")} if refused is None else {}))
+    if refused is not None:
+        relay.fail_next(1000, refused[0], at=refused[1])
     same_5xx = fault == "the same 5xx again and again"
     streak = {"max_same_refusals": 3} if same_5xx else {}
     try:
@@ -164,14 +175,19 @@ def test_a_relay_wide_refusal_gives_the_claims_back_and_fails_the_run_with_the_r
     assert not relay.messages
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("emails", [12, 2], ids=["a success breaks the streak", "the last emails"])
 def test_refusals_short_of_a_streak_are_recorded_failed_after_all(
-    engine: Engine, config: TriggersConfig, server: LocalSmtpServer, emails: int
+    engine: Engine, config: TriggersConfig, server: LocalSmtpServer, emails: int, mode: str
 ) -> None:
     """Held refusals are recorded once the streak breaks, or once nothing is left to send."""
     seed(engine, config, [{} for _ in range(emails)])
-    server.fail_next(2, "554 5.6.0 Message content rejected", at="DATA")
-    deliver(engine, config, server, connections=1, max_same_refusals=3)
+    relay = in_mode(server, mode)
+    relay.fail_next(2, "554 5.6.0 Message content rejected", at="DATA")
+    try:
+        deliver(engine, config, relay, connections=1, max_same_refusals=3)
+    finally:
+        relay.stop()
     assert statuses(engine) == +Counter({"failed": 2, "sent": emails - 2})
     assert all(r.reason == "smtp_rejected" for r in rows(engine).values() if r.status == "failed")
 
@@ -215,7 +231,7 @@ def test_a_claim_that_aged_in_a_reconnect_loop_is_not_sent_and_a_row_taken_over_
     server.stop()  # the sender waits in its reconnect loop with the claim in hand
     options = DeliveryOptions(templates_dir=DEFAULT_TEMPLATES_DIR, worker_id="slow", lease=2.0)
     thread, outcome = in_background(
-        lambda: deliver_pending(engine, config, smtp_settings(server, retry_limit=6), options)
+        lambda: deliver_pending(engine, config, smtp_settings(server, retry_limit=6, timeout=0.5), options)
     )
     wait_until(lambda: statuses(engine)["sending"] == 1)
     time.sleep(1.2)  # past half the lease: another run may take the claim over from now on
@@ -301,3 +317,90 @@ def test_sigkill_while_the_relay_answers_slowly_then_a_run_sends_everything_with
     assert duplicates <= 2 * 4  # connections x window
     # the crash was not an attempt: each row was tried once by the relay's count
     assert {(r.status, r.attempts) for r in rows(engine).values()} == {("sent", 1)}
+
+
+# -- a body that may have reached the relay counts as an attempt -------------------------------
+class _FlappingHandler(socketserver.StreamRequestHandler):
+    """A relay that takes one message's body, then vanishes without answering it: the connection
+    drops and no new one can be made."""
+
+    def handle(self) -> None:
+        server: _FlappingServer = self.server  # type: ignore[assignment]
+        self.wfile.write(b"220 flapping ESMTP\r\n")
+        for line in self.rfile:
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                chunking = b"250-CHUNKING\r\n" if server.chunking else b""
+                self.wfile.write(b"250-flapping\r\n250-PIPELINING\r\n" + chunking + b"250 8BITMIME\r\n")
+            elif verb == b"BDAT":
+                self.rfile.read(int(line.split()[1]))
+                break
+            elif verb == b"DATA":
+                self.wfile.write(b"354 Go ahead\r\n")
+                next(body for body in self.rfile if body == b".\r\n")
+                break
+            else:
+                self.wfile.write(b"250 OK\r\n")
+        server.bodies += 1
+        server.socket.close()  # gone: a reconnect is refused
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+
+class _FlappingServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    chunking = False
+    bodies = 0
+
+
+@pytest.mark.parametrize("chunking", [False, True], ids=["PIPELINING", "CHUNKING"])
+def test_a_body_followed_by_a_drop_and_no_new_connection_is_an_attempt_not_a_release(
+    engine: Engine, config: TriggersConfig, chunking: bool
+) -> None:
+    (delivery_id,) = seed(engine, config, [{}])
+    with _FlappingServer(("127.0.0.1", 0), _FlappingHandler) as relay:
+        relay.chunking = chunking
+        threading.Thread(target=relay.serve_forever, daemon=True).start()
+        connection = SimpleNamespace(
+            host="127.0.0.1",
+            port=relay.server_address[1],
+            login=None,
+            password=None,
+            extra_dejson={"disable_ssl": True, "disable_tls": True, "retry_limit": 1},
+        )
+        options = DeliveryOptions(templates_dir=DEFAULT_TEMPLATES_DIR, worker_id="t", connections=1, window=1)
+        with pytest.raises(SmtpUnavailableError, match="cannot reach the SMTP relay"):
+            deliver_pending(engine, config, settings_of(connection), options)
+    assert relay.bodies == 1
+    row = rows(engine)[delivery_id]
+    # the relay may have it: counted (else a flapping relay resends it forever, never max_attempts)
+    assert (row.status, row.attempts) == ("pending", 1) and row.reason.startswith("retry: ")
+
+
+def test_a_claim_taken_again_between_the_requeues_read_and_its_update_is_left_alone(
+    engine: Engine, config: TriggersConfig
+) -> None:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("a row lock holds the requeue's UPDATE between its read and its write: PostgreSQL")
+    ids = seed(engine, config, [{}, {}])
+    slow = "slow|another-host|4242|0123456789ab"  # cannot be checked: its lease decides
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE deliveries SET status = 'sending', claimed_by = :by, claimed_at = :at, attempts = 1"
+            ),
+            {"by": slow, "at": time.time() - 1000},  # lease expired
+        )
+    with engine.connect() as other:
+        transaction = other.begin()  # the slow worker gives its claim back and takes it again
+        other.execute(
+            text("UPDATE deliveries SET claimed_at = :at WHERE delivery_id = :id"),
+            {"at": time.time(), "id": ids[0]},
+        )
+        thread, outcome = in_background(lambda: requeue_interrupted(engine, lease=600.0))
+        time.sleep(0.5)  # the requeue read the expired claim; its UPDATE waits for the row lock
+        transaction.commit()
+    thread.join(10)
+    assert outcome == {"counts": 1}  # the rows it changed, not the rows it read
+    state = rows(engine)
+    assert (state[ids[0]].status, state[ids[0]].claimed_by) == ("sending", slow)  # a live claim
+    assert state[ids[1]].status == "pending"

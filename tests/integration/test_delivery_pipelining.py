@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import socketserver
 import threading
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,12 +14,25 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import Engine
 
-from include.config import DEFAULT_TEMPLATES_DIR, TriggersConfig, load_config
+from include.config import DEFAULT_TEMPLATES_DIR, RateLimits, TriggersConfig, load_config
 from include.database.engine import make_engine
 from include.delivery.options import DeliveryOptions
+from include.delivery.ratelimit import RateLimiter
+from include.delivery.render import RenderedEmail
 from include.delivery.run import deliver_pending
+from include.delivery.sender import TOO_OLD_AGAIN, Sender
+from include.delivery.smtp import SmtpSession
+from include.delivery.state import Job, RunState
 from include.sandbox.smtp_server import LocalSmtpServer
-from tests.integration.test_delivery import ROOT, deliver, received_ids, rows, seed, settings_of
+from tests.integration.test_delivery import (
+    ROOT,
+    deliver,
+    received_ids,
+    rows,
+    seed,
+    settings_of,
+    smtp_settings,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +49,16 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
     engine.dispose()
 
 
-@pytest.fixture(params=[True, False], ids=["pipelining", "one-command-at-a-time"])
+MODES = {  # what the server offers; CHUNKING (with PIPELINING) takes the sender's BDAT path
+    "pipelining": {"pipelining": True},
+    "one-command-at-a-time": {"pipelining": False},
+    "chunking": {"pipelining": True, "chunking": True},
+}
+
+
+@pytest.fixture(params=list(MODES))
 def server(request: pytest.FixtureRequest) -> Iterator[LocalSmtpServer]:
-    with LocalSmtpServer(pipelining=request.param) as smtp:
+    with LocalSmtpServer(**MODES[request.param]) as smtp:  # type: ignore[arg-type]
         yield smtp
 
 
@@ -57,6 +78,9 @@ def test_with_pipelining_a_message_costs_one_round_trip_and_without_it_four(
     ids = seed(engine, config, [{} for _ in range(5)])
     assert deliver(engine, config, server) == {"sent": 5}
     assert received_ids(server) == Counter({i: 1 for i in ids})
+    if server.chunking:  # each message in one write: MAIL, RCPT, BDAT LAST and the body
+        assert server.chunked_messages == 5 and server.reads <= 8
+        return
     assert server.pipelined_groups == (5 if server.pipelining else 0)
     # EHLO, then MAIL+RCPT+DATA, then each body with the next message's MAIL+RCPT+DATA, then QUIT
     assert server.reads <= 8 if server.pipelining else server.reads >= 4 * 5 + 2
@@ -74,7 +98,7 @@ def test_a_4xx_is_retried_and_the_connection_goes_on(
     assert counts == {"sent": 3, "retried": 1}
     assert received_ids(server) == Counter({i: 1 for i in ids})
     assert sorted(r.attempts for r in rows(engine).values()) == [1, 1, 2]
-    if server.pipelining and stage != "DATA":  # the commands after the refused one were refused in turn
+    if server.pipelining and stage == "MAIL":  # the commands after the refused one were refused in turn
         assert any(reply.startswith("503") for reply in server.replies)
     assert_in_step(server)
     assert connections_opened(server) == 1  # after RSET (a refused envelope), or none (a refused body)
@@ -107,6 +131,11 @@ def test_a_421_closes_the_connection_and_the_message_is_retried_on_a_new_one(
     ids = seed(engine, config, [{} for _ in range(4)])
     server.fail_next(1, reply="421 4.7.0 Too many messages, closing", at=stage)
     counts = deliver(engine, config, server)
+    if server.chunking:  # the messages written behind the 421'd one go again on the new connection
+        assert counts.pop("connection_drops") == 1
+        # its 421 is read; or, the connection closed under the body written behind it, the reset
+        # discards the 421 unread (TCP): a drop, and the message goes again on the new one
+        counts.setdefault("retried", 1)
     assert counts == {"sent": 4, "retried": 1}
     assert received_ids(server) == Counter({i: 1 for i in ids})
     assert {r.status for r in rows(engine).values()} == {"sent"}
@@ -200,3 +229,76 @@ def test_a_data_accepted_after_the_recipient_was_refused_gets_an_empty_end_not_t
     (row,) = rows(engine).values()
     assert (row.status, row.smtp_reply) == ("failed", "550 5.1.1 No such user")
     assert lenient.data_lines == [b".\r\n"]
+
+
+def test_once_the_run_stops_a_job_holding_a_window_slot_is_given_back_not_sent(
+    server: LocalSmtpServer,
+) -> None:
+    """The database went down: the recorder frees window slots without writing, so they bound
+    nothing any more; a job that got its slot then must not go (both paths)."""
+    options = DeliveryOptions(templates_dir=DEFAULT_TEMPLATES_DIR, worker_id="t", connections=1, window=1)
+    state = RunState(options, "t")
+    session = SmtpSession(smtp_settings(server), None, state.count)
+    session.connect()
+    body = b"Subject: x\r\n\r\nbody\r\n"
+    job = Job(
+        "d1",
+        RenderedEmail("shop@example.com", "p@example.org", body, "<1@x>"),
+        1,
+        state.clock(),
+        "example.org",
+    )
+    state.fatal.append(RuntimeError("cannot record: the database is down"))
+    sender = Sender(state, session, RateLimiter(None), 0)
+    run = sender._run_chunked if session.chunking else sender._run_pipelined
+    assert run(job, threading.Semaphore(1)) is False
+    result = state.results.get_nowait()
+    assert (result.job, result.outcome) == (job, "release") and not server.messages
+    session.close()
+
+
+def test_a_message_sent_again_after_a_drop_takes_a_rate_slot_of_its_own(
+    engine: Engine, config: TriggersConfig, server: LocalSmtpServer
+) -> None:
+    limited = config.model_copy(
+        update={"limits": config.limits.model_copy(update={"rate": RateLimits(per_second=5)})}
+    )
+    ids = seed(engine, limited, [{}, {}])
+    server.drop_next(1, at="DATA")  # after the first body: it goes again on a new connection
+    started = time.time()
+    counts = deliver(engine, limited, server)
+    assert counts["sent"] == 2 and counts["connection_drops"] == 1
+    assert received_ids(server) == Counter({i: 1 for i in ids})
+    # three sends at 5/s (one again): the last one 0.4 s or more after the first slot
+    assert max(m.received_at for m in server.messages) - started >= 2 / 5 * 0.95
+
+
+def test_after_a_drop_the_bdat_path_does_not_write_again_a_message_whose_claim_grew_too_old() -> None:
+    """As the PIPELINING path's ``expires``: another worker may take an old claim over."""
+    with LocalSmtpServer(pipelining=True, chunking=True) as server:
+        options = DeliveryOptions(templates_dir=DEFAULT_TEMPLATES_DIR, worker_id="t", connections=1, window=2)
+        state = RunState(options, "t")
+        session = SmtpSession(smtp_settings(server), None, state.count)
+        session.connect()
+        sender = Sender(state, session, RateLimiter(None), 0)
+        now, body = state.clock(), b"Subject: x\r\n\r\nbody\r\n"
+        old, fresh = (
+            Job(
+                d,
+                RenderedEmail("shop@example.com", f"{d}@example.org", body, f"<{d}@x>"),
+                1,
+                at,
+                "example.org",
+            )
+            for d, at in (("old", now - options.lease / 2 - 1), ("fresh", now))
+        )
+        window = threading.Semaphore(2)
+        window.acquire()
+        window.acquire()
+        inflight = deque([old, fresh])  # both written on a connection that dropped, unanswered
+        assert sender._rewrite(inflight, window, OSError("dropped")) is None
+        assert list(inflight) == [fresh] and session.read_chunked().outcome == "sent"
+        result = state.results.get_nowait()
+        assert (result.job, result.outcome, result.reply) == (old, "retry", TOO_OLD_AGAIN)  # an attempt
+        assert [m.rcpt_tos for m in server.messages] == [("fresh@example.org",)]
+        session.close()
