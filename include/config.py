@@ -405,18 +405,22 @@ def _validated(model: Any, data: Any, document: Any, source: str, within: tuple[
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
 
 
+def read_config_text(path: Path) -> str:
+    """The configuration file's text, or a ConfigError naming it and TRIGGERS_CONFIG."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(
+            f"cannot read the configuration {path}: {error.strerror}; set TRIGGERS_CONFIG"
+        ) from None
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None, templates_dir: Path | None = None
 ) -> TriggersConfig:
     """Load and validate the configuration; check that each campaign's template set exists."""
     path = Path(path or os.environ.get("TRIGGERS_CONFIG") or DEFAULT_CONFIG_PATH)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError(
-            f"cannot read the configuration {path}: {error.strerror}; set TRIGGERS_CONFIG"
-        ) from None
-    config = parse_config(text, source=path.name)
+    config = parse_config(read_config_text(path), source=path.name)
     templates_dir = templates_dir or Settings.from_env().templates_dir
     for index, campaign in enumerate(config.campaigns):
         missing = [

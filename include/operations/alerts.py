@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
-from include.config import Alerts, Settings, parse_alerts
+from include.config import Alerts, Settings, parse_alerts, read_config_text
 from include.errors import ConfigError
 from include.operations.links import DAG_ID, configured_base_url, dag_run_link
 from include.operations.report import LagBefore
@@ -43,13 +43,7 @@ def load_alerts() -> Alerts | None:
     elsewhere in the file is the tasks' to report, never a reason to lose the DAG or its alerts.
     Read at DAG parse time and in each callback: no database, no template check."""
     path = Settings.from_env().config_path
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError(
-            f"cannot read the configuration {path}: {error.strerror}; set TRIGGERS_CONFIG"
-        ) from None
-    return parse_alerts(text, source=path.name)
+    return parse_alerts(read_config_text(path), source=path.name)
 
 
 def _callback_alerts(kind: str) -> Alerts | None:

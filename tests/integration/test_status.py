@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 from include.database.hourly import NO_CAMPAIGN, add_counts, hour_number
 from include.database.schema import deliveries, pipeline_runs, pipeline_state
 from include.database.sql import bulk_write
+from include.matching.writer import DELIVERY_COLUMNS
 from include.operations.status import pipeline_status
 from tests.conftest import upgrade_schema
 
@@ -41,18 +42,6 @@ EVENT_COLUMNS = [
     "reason",
     "processed_at",
     "payload",
-]
-DELIVERY_COLUMNS = [
-    "delivery_id",
-    "campaign_id",
-    "recipient_id",
-    "email",
-    "event_id",
-    "event_time",
-    "decided_at",
-    "status",
-    "reason",
-    "attempts",
 ]
 CART, BROWSE = "cart_abandonment", "browse_abandonment"
 
@@ -124,7 +113,7 @@ def seed(engine: Engine) -> None:
             (f"d{i}", CART, f"r{i}", f"r{i}@example.com", f"e{i}", NOW, NOW, status, None, 0)
             for i, status in enumerate(["pending", "pending", "sending", "sent"])
         ]
-        bulk_write(conn, deliveries, DELIVERY_COLUMNS, emails)
+        bulk_write(conn, deliveries, list(DELIVERY_COLUMNS), emails)
         runs = [
             (
                 "manual__2026-01-01T00:28:00+00:00",
