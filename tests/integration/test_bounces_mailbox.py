@@ -203,7 +203,8 @@ def test_a_mailto_unsubscribe_needs_the_signed_token_of_the_email(
     bare, or a token with one character changed, is set aside and suppresses no one."""
     ids = sent(engine, config)
     good = token_for(engine, ids["eve"])
-    altered = good[:-1] + ("A" if good[-1] != "A" else "B")
+    # a character inside the signature: the last one also holds padding bits the decoder ignores
+    altered = good[:-5] + ("A" if good[-5] != "A" else "B") + good[-4:]
     forged = make_token(b"someone-else's-key-0123456789", ids["eve"], "eve@example.org", "cart_abandonment")
     dovecot.append(
         report("mailto_unsubscribe", 1, recipient="eve@example.org", token=ids["eve"]),
