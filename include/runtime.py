@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import multiprocessing
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
+
+from include.errors import ConfigError
 
 
 def spawn_pool(
@@ -55,21 +58,42 @@ PROGRESS_INTERVAL_ENV = "TRIGGERS_PROGRESS_INTERVAL"
 DEFAULT_PROGRESS_INTERVAL = 30.0  # seconds between two progress lines of a long drain, match or delivery
 
 
+def number_setting(
+    name: str,
+    default: float,
+    low: float,
+    high: float = math.inf,
+    *,
+    whole: bool = False,
+    hint: str = "",
+    error: type[Exception] = ConfigError,
+    environ: Mapping[str, str] = os.environ,
+) -> float:
+    """The finite number in environment variable ``name`` (unset or empty: ``default``), from
+    ``low`` to ``high``; else ``error`` naming the setting, its value and what to write."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw) if not whole or raw.isdigit() else math.nan
+    except ValueError:
+        value = math.nan
+    if math.isfinite(value) and low <= value <= high:
+        return value
+    kind = "a whole number" if whole else "a number"
+    span = f"between {low:,.10g} and {high:,.10g}" if math.isfinite(high) else f"of {low:,.10g} or more"
+    raise error(f"{name} is {raw!r}: set it to {kind} {span}{hint}, or unset it")
+
+
 def progress_interval() -> float:
     """``TRIGGERS_PROGRESS_INTERVAL`` in seconds (default 30); 0 turns progress lines off."""
-    raw = os.environ.get(PROGRESS_INTERVAL_ENV, "").strip()
-    if not raw:
-        return DEFAULT_PROGRESS_INTERVAL
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = -1.0
-    if not 0 <= seconds < float("inf"):
-        raise ValueError(
-            f"{PROGRESS_INTERVAL_ENV} is {raw!r}: set it to the seconds between progress lines (e.g. 30), "
-            "0 to turn them off, or unset it"
-        )
-    return seconds
+    return number_setting(
+        PROGRESS_INTERVAL_ENV,
+        DEFAULT_PROGRESS_INTERVAL,
+        0,
+        hint=" (the seconds between progress lines, e.g. 30; 0 turns them off)",
+        error=ValueError,
+    )
 
 
 @contextmanager

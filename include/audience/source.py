@@ -25,6 +25,7 @@ from sqlalchemy import Engine, text
 from include.audience.load import AudienceLoad, check_columns
 from include.database.sql import in_list, list_param
 from include.errors import AudienceError, RemovalRefusedError
+from include.runtime import number_setting
 
 DEFAULT_CHUNK_SIZE = 50_000
 DEFAULT_MAX_REMOVED_SHARE = 0.1
@@ -68,16 +69,7 @@ def max_removed_share_setting() -> float:
 
 
 def _number(name: str, default: float, low: float, high: float) -> float:
-    raw = os.environ.get(name) or str(default)
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not low <= value <= high:
-        raise AudienceError(
-            f"{name} is {raw!r}: set it to a number between {low:,.10g} and {high:,.10g}, or unset it"
-        )
-    return value
+    return number_setting(name, default, low, high, error=AudienceError)
 
 
 def read_sql_file(path: Path) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from include.errors import ConfigError
+from include.runtime import number_setting
 
 WORKERS_ENV = "TRIGGERS_DELIVERY_WORKERS"
 LEASE_ENV = "TRIGGERS_DELIVERY_LEASE"
@@ -33,25 +34,13 @@ _LARGEST = ("waiting_", "deliver_seconds")
 
 def delivery_workers(environ: Mapping[str, str] = os.environ) -> int:
     """How many deliver tasks a run maps (``TRIGGERS_DELIVERY_WORKERS``, default 1)."""
-    raw = environ.get(WORKERS_ENV, "1").strip() or "1"
-    if not raw.isdigit() or not 1 <= int(raw) <= 64:
-        raise ConfigError(f"{WORKERS_ENV} is {raw!r}: set it to a whole number from 1 to 64, or unset it")
-    return int(raw)
+    return int(number_setting(WORKERS_ENV, 1, 1, 64, whole=True, environ=environ))
 
 
 def delivery_lease(environ: Mapping[str, str] = os.environ) -> float:
     """Seconds after which a claim whose worker cannot be checked is taken over
     (``TRIGGERS_DELIVERY_LEASE``, default 600)."""
-    raw = environ.get(LEASE_ENV, "").strip()
-    if not raw:
-        return DEFAULT_LEASE
-    try:
-        lease = float(raw)
-    except ValueError:
-        lease = 0.0
-    if not 2.0 <= lease < float("inf"):
-        raise ConfigError(f"{LEASE_ENV} is {raw!r}: set it to a number of seconds of 2 or more, or unset it")
-    return lease
+    return number_setting(LEASE_ENV, DEFAULT_LEASE, 2.0, hint=" seconds", environ=environ)
 
 
 def check_workers(engine: Engine, workers: int) -> None:
